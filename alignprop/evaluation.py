@@ -1,0 +1,39 @@
+"""Evaluation: fixed prompts and fixed initial noise from its own generator, no gradients."""
+
+import torch
+
+from alignprop.models import encode_prompts, latent_shape
+from alignprop.rng import eval_generator
+from alignprop.sampling import initial_latents, sample_images
+
+
+def eval_items(prompt_set, num_samples):
+    """The first `num_samples` (prompt, metadata) items of a prompt set, cycling in order."""
+    items = prompt_set.items
+    return [items[i % len(items)] for i in range(num_samples)]
+
+
+@torch.no_grad()
+def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device, negative_prompt_embeds, autocast):
+    """Images [N,3,H,W] in [0, 1] (on the CPU), prompts and rewards [N] for `items`, in order.
+
+    The noise comes from a generator seeded anew at every call: evaluations of one run are comparable,
+    and the training streams are untouched.
+    """
+    generator = eval_generator(seed, device)
+    shape = latent_shape(components.unet, components.vae, spec.height, spec.width)
+    images, prompts, rewards = [], [], []
+    for start in range(0, len(items), batch_size):
+        batch_prompts, metadata = zip(*items[start : start + batch_size])
+        embeds = encode_prompts(components.text_encoder, components.tokenizer, batch_prompts)
+        negative = negative_prompt_embeds.expand(len(batch_prompts), -1, -1)
+        latents = initial_latents(
+            len(batch_prompts), shape, generator, device, init_noise_sigma=components.scheduler.init_noise_sigma
+        )
+        with autocast():
+            batch_images = sample_images(unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0, generator)
+            batch_rewards, _ = reward_fn(batch_images, list(batch_prompts), list(metadata))
+        images.append(batch_images.float().cpu())
+        rewards.append(batch_rewards.float().cpu())
+        prompts.extend(batch_prompts)
+    return torch.cat(images), prompts, torch.cat(rewards)

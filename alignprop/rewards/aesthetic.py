@@ -1,0 +1,100 @@
+"""LAION aesthetic predictor: CLIP ViT-L/14 image embedding (L2-normalized) -> MLP -> score.
+
+Weights: the MLP `sac+logos+ava1-l14-linearMSE.pth` (published on the hub as
+`trl-lib/ddpo-aesthetic-predictor` / `aesthetic-model.pth`) and the image tower of
+`openai/clip-vit-large-patch14`.
+"""
+
+import torch
+from torch import nn
+
+from alignprop.rewards.loading import hub_file, load_pretrained
+from alignprop.rewards.preprocess import clip_preprocess
+
+
+class AestheticMLP(nn.Module):
+    """The LAION MLP; layer indices match the published state dict (layers.0/2/4/6/7)."""
+
+    def __init__(self, input_dim=768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeds):
+        return self.layers(embeds)
+
+
+def load_mlp_state_dict(path):
+    """Read the MLP weights (a plain state dict saved with torch.save)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"Aesthetic MLP weights {path!r} could not be read ({type(e).__name__}: {e}).") from e
+    return state
+
+
+class AestheticScorer(nn.Module):
+    """images [B,3,H,W] in [0, 1] -> aesthetic score [B]. Frozen, differentiable w.r.t. the images."""
+
+    def __init__(self, vision_model, mlp):
+        super().__init__()
+        self.vision_model = vision_model
+        self.mlp = mlp
+        self.image_size = vision_model.config.image_size
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images):
+        dtype = next(self.parameters()).dtype
+        pixels = clip_preprocess(images.to(dtype), self.image_size)
+        embeds = self.vision_model(pixel_values=pixels).image_embeds
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.mlp(embeds).squeeze(-1)
+
+
+def build_scorer(cfg, seed=0):
+    """The scorer named by `config.reward.aesthetic` (`clip_model='tiny'` gives a random tiny one)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    if cfg.clip_model == "tiny":
+        from alignprop.tiny import tiny_clip_vision_config
+
+        full = tiny_clip_vision_config()
+        vision_config = full.vision_config
+        vision_config.projection_dim = full.projection_dim
+        torch.manual_seed(seed)
+        vision = CLIPVisionModelWithProjection(vision_config)
+        mlp = AestheticMLP(vision_config.projection_dim)
+        if cfg.mlp_path:
+            mlp.load_state_dict(load_mlp_state_dict(cfg.mlp_path), strict=True)
+        return AestheticScorer(vision, mlp)
+
+    vision = load_pretrained(
+        CLIPVisionModelWithProjection, cfg.clip_model, key="config.reward.aesthetic.clip_model"
+    )
+    path = cfg.mlp_path or hub_file(cfg.mlp_repo, cfg.mlp_file, key="config.reward.aesthetic.mlp_path")
+    mlp = AestheticMLP(vision.config.projection_dim)
+    state = load_mlp_state_dict(path)
+    try:
+        mlp.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"Aesthetic MLP weights {path!r} do not match the LAION MLP: {e}") from e
+    return AestheticScorer(vision, mlp)
+
+
+def make(config, device, dtype):
+    scorer = build_scorer(config.reward.aesthetic, seed=config.seed).to(device, dtype=dtype)
+
+    def reward_fn(images, prompts, metadata):
+        rewards = scorer(images).float()
+        return rewards, {}
+
+    return reward_fn

@@ -1,0 +1,44 @@
+"""Random streams with owners: one generator per purpose, seeded from (seed, process index, purpose).
+
+Nothing here touches the global RNG, so evaluation cannot disturb training noise and every rank draws
+different noise, prompts and truncation points.
+"""
+
+import random
+
+import numpy as np
+import torch
+
+STREAMS = ("noise", "truncation", "prompts")
+EVAL_STREAM = 1_000
+
+
+def derive_seed(seed, process_index, stream_id):
+    """A 63-bit seed, independent across (seed, process, stream), via numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, process_index, stream_id]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class RandomStreams:
+    """Generators of one process: `noise` (on the device), `truncation` (CPU), `prompts` (Python RNG)."""
+
+    def __init__(self, seed, process_index, device):
+        self.noise = torch.Generator(device=device).manual_seed(derive_seed(seed, process_index, 0))
+        self.truncation = torch.Generator().manual_seed(derive_seed(seed, process_index, 1))
+        self.prompts = random.Random(derive_seed(seed, process_index, 2))
+
+    def state_dict(self):
+        return {
+            "noise": self.noise.get_state(),
+            "truncation": self.truncation.get_state(),
+            "prompts": self.prompts.getstate(),
+        }
+
+    def load_state_dict(self, state):
+        self.noise.set_state(state["noise"])
+        self.truncation.set_state(state["truncation"])
+        self.prompts.setstate(state["prompts"])
+
+
+def eval_generator(seed, device):
+    """A fresh generator for evaluation: the same initial noise at every evaluation of a run."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, 0, EVAL_STREAM))

@@ -1,0 +1,126 @@
+"""The differentiable DDIM sampler: tensors and callables in, latents (or [0, 1] images) out.
+
+One loop serves training (gradients through the last K UNet calls), evaluation (no gradients) and
+every variant that changes which steps get gradients.
+"""
+
+import dataclasses
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def guided_unet(unet, prompt_embeds, negative_prompt_embeds, guidance_scale):
+    """A denoise function `(latents, t) -> noise_pred` with classifier-free guidance (Ho & Salimans 2022).
+
+    Conditional and unconditional predictions come from one batched UNet call, ordered [uncond, cond]
+    as in diffusers' pipelines. With guidance_scale <= 1 (or no negative embeddings) only the conditional
+    branch runs.
+    """
+    do_cfg = guidance_scale > 1.0 and negative_prompt_embeds is not None
+    embeds = torch.cat([negative_prompt_embeds, prompt_embeds]) if do_cfg else prompt_embeds
+
+    def denoise(latents, t):
+        model_input = torch.cat([latents, latents]) if do_cfg else latents
+        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        if not do_cfg:
+            return noise_pred
+        noise_uncond, noise_cond = noise_pred.chunk(2)
+        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+    return denoise
+
+
+def ddim_timesteps(scheduler, num_steps):
+    """Set the scheduler to `num_steps` and return its timesteps as Python ints.
+
+    Ints, not a tensor: the scheduler indexes a CPU `alphas_cumprod` with them, and a CUDA timestep would
+    cost a host-device sync per step.
+    """
+    scheduler.set_timesteps(num_steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
+def ddim_rollout(
+    denoise_fn,
+    scheduler,
+    latents,
+    timesteps,
+    grad_steps=0,
+    eta=0.0,
+    generator=None,
+    checkpoint_grad_steps=True,
+    nograd_denoise_fn=None,
+):
+    """DDIM sampling (Song et al. 2021) where only the last `grad_steps` UNet outputs keep gradients.
+
+    Truncated backprop (AlignProp, Prabhudesai et al. 2023, Sec. 4): steps 0..T-K-1 run under no_grad
+    (no graph, no checkpoint overhead; `nograd_denoise_fn`, if given, is a cheaper denoiser for them),
+    steps T-K..T-1 record a graph, each UNet call optionally checkpointed. With eta > 0 the noise of
+    every step is drawn from `generator`, so the draws do not depend on K.
+    """
+    num_steps = len(timesteps)
+    if not 0 <= grad_steps <= num_steps:
+        raise ValueError(f"grad_steps={grad_steps} must be in [0, {num_steps}]")
+    cut = num_steps - grad_steps
+    nograd_denoise_fn = nograd_denoise_fn or denoise_fn
+    for i, t in enumerate(timesteps):
+        if i < cut:
+            with torch.no_grad():
+                noise_pred = nograd_denoise_fn(latents, t)
+        elif checkpoint_grad_steps and torch.is_grad_enabled():
+            noise_pred = checkpoint(denoise_fn, latents, t, use_reentrant=False)
+        else:
+            noise_pred = denoise_fn(latents, t)
+        variance_noise = None
+        if eta > 0:
+            variance_noise = torch.randn(
+                latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+            )
+        latents = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+    return latents
+
+
+def decode_latents(vae, latents):
+    """VAE decode to images in [0, 1]: the one place where the [-1, 1] -> [0, 1] mapping happens."""
+    latents = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        latents = latents + shift
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def initial_latents(batch_size, shape, generator, device, dtype=torch.float32, init_noise_sigma=1.0):
+    """x_T ~ N(0, I) drawn from an explicit generator (its device decides where it is drawn)."""
+    latents = torch.randn((batch_size, *shape), generator=generator, device=generator.device, dtype=dtype)
+    return latents.to(device) * init_noise_sigma
+
+
+@dataclasses.dataclass
+class SamplingSpec:
+    """What a rollout needs besides tensors: DDIM steps, guidance, eta, image size, checkpointing."""
+
+    num_steps: int
+    guidance_scale: float
+    eta: float
+    height: int = None
+    width: int = None
+    checkpoint_grad_steps: bool = True
+
+
+def sample_images(unet, vae, scheduler, prompt_embeds, negative_prompt_embeds, latents, spec, grad_steps, generator):
+    """Roll out DDIM from `latents` and decode to [0, 1] images; the last `grad_steps` UNet calls keep grads."""
+    timesteps = ddim_timesteps(scheduler, spec.num_steps)
+    denoise = guided_unet(unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale)
+    latents = ddim_rollout(
+        denoise,
+        scheduler,
+        latents,
+        timesteps,
+        grad_steps=grad_steps,
+        eta=spec.eta,
+        generator=generator,
+        checkpoint_grad_steps=spec.checkpoint_grad_steps,
+    )
+    return decode_latents(vae, latents)

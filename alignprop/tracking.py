@@ -1,0 +1,97 @@
+"""The run folder: resolved config, metrics.jsonl, image grids, reward plot; and external trackers."""
+
+import json
+import math
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+class RunFolder:
+    """`logdir/run_name/` with config.json, metrics.jsonl, images/ and checkpoints; written by one process."""
+
+    def __init__(self, path):
+        self.path = path
+        self.metrics_path = os.path.join(path, "metrics.jsonl")
+
+    def create(self):
+        os.makedirs(os.path.join(self.path, "images"), exist_ok=True)
+        # Fail now, not after hours of training, if the folder cannot be written.
+        probe = os.path.join(self.path, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+
+    def write_config(self, config, plan=None):
+        data = {"config": json.loads(config.to_json_best_effort()), "batch_plan": plan and vars(plan)}
+        with open(os.path.join(self.path, "config.json"), "w") as f:
+            json.dump(data, f, indent=2)
+
+    def log(self, record):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read_metrics(self):
+        if not os.path.exists(self.metrics_path):
+            return []
+        with open(self.metrics_path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def image_path(self, name):
+        return os.path.join(self.path, "images", name)
+
+
+def to_pil(image):
+    """[3,H,W] tensor in [0, 1] -> PIL image."""
+    array = (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def image_grid(images, captions, min_tile=128, columns=None):
+    """A grid of [N,3,H,W] images in [0, 1], each with its caption below (tiny images are upscaled)."""
+    n = len(images)
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    scale = max(1, math.ceil(min_tile / images.shape[-1]))
+    tile_w, tile_h = images.shape[-1] * scale, images.shape[-2] * scale
+    font = ImageFont.load_default(size=max(10, tile_w // 14))
+    caption_h = int(font.size * 2.6)
+    grid = Image.new("RGB", (columns * tile_w, rows * (tile_h + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * tile_w, (i // columns) * (tile_h + caption_h)
+        grid.paste(to_pil(image).resize((tile_w, tile_h), Image.NEAREST), (x, y))
+        draw.multiline_text((x + 2, y + tile_h + 2), caption, fill="black", font=font)
+    return grid
+
+
+def _fit(text, width):
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def captions(prompts, rewards, width=24):
+    return [f"{_fit(p, width)}\nreward {float(r):.4g}" for p, r in zip(prompts, rewards)]
+
+
+def plot_rewards(records, path):
+    """PNG plot of reward mean ± std over optimizer steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([r["step"] for r in records])
+    mean = np.array([r["reward_mean"] for r in records])
+    std = np.array([r["reward_std"] for r in records])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(steps, mean, marker="o", label="reward mean")
+    ax.fill_between(steps, mean - std, mean + std, alpha=0.25, label="± std")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.set_title("Training reward")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""One AlignProp optimizer step: prompts -> rollout with truncated backprop -> reward -> loss -> update."""
+
+import dataclasses
+import time
+
+import torch
+
+from alignprop.models import encode_prompts, latent_shape
+from alignprop.rewards import reward_loss
+from alignprop.sampling import SamplingSpec, initial_latents, sample_images
+from alignprop.truncation import draw_grad_steps
+
+
+def build_optimizer(params, train):
+    """AdamW over the LoRA parameters (8-bit from bitsandbytes if `train.use_8bit_adam`)."""
+    if train.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(
+        params,
+        lr=train.learning_rate,
+        betas=(train.adam_beta1, train.adam_beta2),
+        weight_decay=train.adam_weight_decay,
+        eps=train.adam_epsilon,
+    )
+
+
+@dataclasses.dataclass
+class TrainContext:
+    """Everything a training step uses, built once at start-up."""
+
+    accelerator: object
+    unet: torch.nn.Module  # as returned by accelerator.prepare (DDP-wrapped on several GPUs)
+    components: object
+    reward_fn: object
+    prompt_set: object
+    optimizer: object
+    params: list
+    spec: SamplingSpec
+    train: object  # config.train
+    reward_target: float
+    accumulation_steps: int
+    batch_size: int
+    streams: object  # RandomStreams
+    negative_prompt_embeds: torch.Tensor  # [1, 77, D], the empty prompt
+
+
+def micro_batch(ctx):
+    """One rollout of `batch_size` samples with gradients; returns (loss, rewards, info, prompts, K)."""
+    prompts, metadata = zip(*(ctx.prompt_set(ctx.streams.prompts) for _ in range(ctx.batch_size)))
+    components = ctx.components
+    prompt_embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
+    negative = ctx.negative_prompt_embeds.expand(len(prompts), -1, -1)
+    t = ctx.train
+    k = draw_grad_steps(
+        t.truncation, ctx.spec.num_steps, ctx.streams.truncation, t.k, t.k_min, t.k_max, t.cut_mean, t.cut_std
+    )
+    shape = latent_shape(components.unet, components.vae, ctx.spec.height, ctx.spec.width)
+    sigma = components.scheduler.init_noise_sigma
+    latents = initial_latents(len(prompts), shape, ctx.streams.noise, ctx.accelerator.device, init_noise_sigma=sigma)
+    images = sample_images(ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k, ctx.streams.noise)
+    rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
+    loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
+    return loss, rewards.detach(), info, list(prompts), k
+
+
+def train_step(ctx):
+    """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
+
+    A non-finite loss on any process skips the update (gradients dropped, nothing applied) and is
+    reported in the metrics; fp16 overflow in the gradients is left to the GradScaler, which skips
+    the step and lowers its scale.
+    """
+    accelerator = ctx.accelerator
+    start = time.perf_counter()
+    losses, all_rewards, ks, prompts = [], [], [], []
+    nonfinite = torch.zeros((), device=accelerator.device)
+    grad_norm = torch.tensor(float("nan"))
+    for _ in range(ctx.accumulation_steps):
+        with accelerator.accumulate(ctx.unet), accelerator.autocast():
+            loss, rewards, _, batch_prompts, k = micro_batch(ctx)
+            finite = torch.isfinite(loss.detach())
+            nonfinite += (~finite).float()
+            # Backward even when non-finite: under DDP every rank must join the all-reduce.
+            accelerator.backward(torch.where(finite, loss, torch.zeros_like(loss)))
+            if accelerator.sync_gradients:
+                nonfinite = accelerator.reduce(nonfinite, reduction="sum")
+                if nonfinite.item() == 0:
+                    grad_norm = accelerator.clip_grad_norm_(ctx.params, ctx.train.max_grad_norm)
+                    ctx.optimizer.step()
+                ctx.optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        all_rewards.append(rewards)
+        ks.append(k)
+        prompts.extend(batch_prompts)
+    rewards = accelerator.gather(torch.cat(all_rewards).float())
+    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+    grad_norm = float(grad_norm)
+    skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+    return {
+        "loss": loss.item(),
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+        "k_mean": sum(ks) / len(ks),
+        "grad_norm": grad_norm,
+        "nonfinite": int(nonfinite.item()),
+        "skipped": int(skipped),
+        "seconds": time.perf_counter() - start,
+        "prompts": prompts,
+    }

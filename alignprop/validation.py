@@ -1,0 +1,107 @@
+"""Start-up checks of a config: every mistake a user can make is reported before any model loads."""
+
+import importlib.util
+import os
+
+from alignprop import prompts, rewards, truncation
+from alignprop.plan import BatchPlanError, make_batch_plan
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LOG_WITH = ("none", "wandb", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """One or more config values are wrong; the message names each key, its value and what is valid."""
+
+
+def _problems(config, num_processes):
+    s, t = config.sample, config.train
+
+    def bad(key, why):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        return f"config.{key}={value!r}: {why}"
+
+    out = []
+    for key, check in (
+        ("reward_fn", rewards.check_name),
+        ("prompt_fn", prompts.check_name),
+        ("eval_prompt_fn", prompts.check_name),
+    ):
+        try:
+            check(config[key], key=key)
+        except ValueError as e:
+            out.append(str(e))
+    for key in ("prompt_fn", "eval_prompt_fn"):
+        name = config[key]
+        if name.startswith(prompts.FILE_PREFIX) and not os.path.isfile(name[len(prompts.FILE_PREFIX):]):
+            out.append(bad(key, "the prompt file does not exist"))
+    if config.mixed_precision not in MIXED_PRECISION:
+        out.append(bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}"))
+    if config.log_with not in LOG_WITH:
+        out.append(bad("log_with", f"must be one of {', '.join(LOG_WITH)}"))
+    for key, ok, why in (
+        ("num_epochs", config.num_epochs >= 0, "must be >= 0"),
+        ("save_freq", config.save_freq >= 1, "must be >= 1"),
+        ("eval_freq", config.eval_freq >= 0, "must be >= 0 (0: evaluate only at the end)"),
+        ("num_checkpoint_limit", config.num_checkpoint_limit >= 1, "must be >= 1"),
+        ("sample.num_steps", s.num_steps >= 1, "must be >= 1"),
+        ("sample.guidance_scale", s.guidance_scale >= 0, "must be >= 0"),
+        ("sample.eta", 0 <= s.eta <= 1, "must be in [0, 1]"),
+        ("sample.eval_batch_size", s.eval_batch_size >= 1, "must be >= 1"),
+        ("sample.num_eval_samples", s.num_eval_samples >= 0, "must be >= 0"),
+        ("train.learning_rate", t.learning_rate > 0, "must be > 0"),
+        ("train.adam_beta1", 0 <= t.adam_beta1 < 1, "must be in [0, 1)"),
+        ("train.adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
+        ("train.adam_weight_decay", t.adam_weight_decay >= 0, "must be >= 0"),
+        ("train.adam_epsilon", t.adam_epsilon > 0, "must be > 0"),
+        ("train.max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
+        ("train.loss_coeff", t.loss_coeff > 0, "must be > 0"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
+        ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
+    ):
+        if not ok:
+            out.append(bad(key, why))
+    for key in ("sample.height", "sample.width"):
+        value = s[key.split(".")[1]]
+        if value is not None and value <= 0:
+            out.append(bad(key, "must be a positive number of pixels (a multiple of the VAE factor, 8 for SD)"))
+    if t.truncation not in truncation.MODES:
+        out.append(bad("train.truncation", f"must be one of {', '.join(truncation.MODES)}"))
+    elif t.truncation == "fixed" and not 1 <= t.k <= s.num_steps:
+        out.append(bad("train.k", f"must be in [1, sample.num_steps={s.num_steps}]"))
+    elif t.truncation in ("uniform", "gaussian") and not 1 <= t.k_min <= t.k_max <= s.num_steps:
+        out.append(
+            f"config.train.k_min={t.k_min!r}, config.train.k_max={t.k_max!r}: need "
+            f"1 <= k_min <= k_max <= sample.num_steps={s.num_steps}"
+        )
+    if t.truncation == "gaussian" and t.cut_std < 0:
+        out.append(bad("train.cut_std", "must be >= 0"))
+    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        out.append(bad("train.use_8bit_adam", "needs bitsandbytes (`pip install bitsandbytes`), or set it to False"))
+    if config.resume_from and not os.path.exists(config.resume_from):
+        out.append(bad("resume_from", "no such run or checkpoint folder"))
+    try:
+        make_batch_plan(t.total_batch_size, t.total_samples_per_epoch, t.batch_size_per_gpu, num_processes)
+    except BatchPlanError as e:
+        out.append(str(e))
+    return out
+
+
+def validate(config, num_processes=1):
+    """Raise ConfigError listing every problem of `config` (for a run on `num_processes` processes)."""
+    problems = _problems(config, num_processes)
+    if problems:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def check_precision(mixed_precision, device):
+    """fp16/bf16 need hardware that has them: fp16 autocast and GradScaler need CUDA; bf16 needs Ampere+ or CPU."""
+    import torch
+
+    if device.type == "cpu" and mixed_precision == "fp16":
+        raise ConfigError("config.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on the CPU.")
+    if device.type == "cuda" and mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config.mixed_precision='bf16': this GPU has no bf16; use 'fp16'.")

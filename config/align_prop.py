@@ -1,0 +1,213 @@
+"""AlignProp experiment configs.
+
+Launch (one or many GPUs):
+    accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
+    accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
+Offline CPU run on tiny random models (seconds):
+    python scripts/train.py --config config/align_prop.py:tiny
+
+Every key is declared once in `base()`; experiments are small functions that change a few fields.
+Batch sizes are stated for the whole run (all GPUs); the per-GPU capacity is `train.batch_size_per_gpu`
+and gradient accumulation is derived from the number of processes at start-up.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base():
+    config = ml_collections.ConfigDict()
+
+    # Name of the run folder under `logdir` (default: a timestamp).
+    config.run_name = ""
+    # Folder that holds run folders (config, metrics.jsonl, checkpoints, images).
+    config.logdir = "logs"
+    # Seeds every random stream (noise, truncation, prompts, eval), combined with the process index.
+    config.seed = 42
+    # Precision of the frozen weights and autocast: "no" (fp32), "fp16" or "bf16". LoRA stays fp32.
+    config.mixed_precision = "fp16"
+    # Allow TF32 matmuls on Ampere+ GPUs (faster, slightly less precise).
+    config.allow_tf32 = True
+    # Number of epochs; one epoch is `train.total_samples_per_epoch` samples over all GPUs.
+    config.num_epochs = 200
+    # Save a checkpoint every this many epochs (and at the end).
+    config.save_freq = 1
+    # Evaluate on `eval_prompt_fn` every this many epochs (0: only at the end).
+    config.eval_freq = 1
+    # Keep at most this many checkpoints (oldest removed first).
+    config.num_checkpoint_limit = 5
+    # Resume from a run folder or a checkpoint folder ("" starts fresh).
+    config.resume_from = ""
+    # Reward to maximize (see alignprop/rewards/__init__.py for the registry).
+    config.reward_fn = "aesthetic"
+    # Training prompt set (registry name, or "from_file:PATH" with one prompt per line).
+    config.prompt_fn = "simple_animals"
+    # Evaluation prompt set (unseen prompts).
+    config.eval_prompt_fn = "eval_simple_animals"
+    # Experiment trackers: "none", "wandb" or "tensorboard" (metrics.jsonl is always written).
+    config.log_with = "none"
+    # wandb/tensorboard project name.
+    config.project_name = "alignprop"
+
+    config.pretrained = pretrained = ml_collections.ConfigDict()
+    # Hub id, local diffusers folder, single .safetensors/.ckpt file, or "tiny" (random tiny models, offline).
+    pretrained.model = "runwayml/stable-diffusion-v1-5"
+    # Hub revision (branch, tag or commit) of the model.
+    pretrained.revision = "main"
+
+    config.sample = sample = ml_collections.ConfigDict()
+    # DDIM steps of every rollout (T).
+    sample.num_steps = 50
+    # Classifier-free guidance weight (<= 1 disables guidance).
+    sample.guidance_scale = 7.5
+    # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.
+    sample.eta = 0.0
+    # Image size in pixels (default: the UNet's native size, 512 for SD 1.5). Multiple of the VAE factor.
+    sample.height = config_dict.placeholder(int)
+    sample.width = config_dict.placeholder(int)
+    # Batch size per GPU of evaluation rollouts (no gradients, so larger than training).
+    sample.eval_batch_size = 8
+    # Number of evaluation images (prompts cycled in order, fixed initial noise).
+    sample.num_eval_samples = 16
+
+    config.train = train = ml_collections.ConfigDict()
+    # Samples per GPU in one forward/backward (what fits in memory). Per GPU!
+    train.batch_size_per_gpu = 4
+    # Samples per optimizer step over all GPUs; accumulation = total / (per GPU x processes).
+    train.total_batch_size = 128
+    # Samples per epoch over all GPUs; a multiple of total_batch_size.
+    train.total_samples_per_epoch = 256
+    # AdamW.
+    train.learning_rate = 1e-3
+    train.adam_beta1 = 0.9
+    train.adam_beta2 = 0.999
+    train.adam_weight_decay = 0.1
+    train.adam_epsilon = 1e-8
+    # 8-bit AdamW from bitsandbytes (must be installed).
+    train.use_8bit_adam = False
+    # Clip the global gradient norm to this value.
+    train.max_grad_norm = 5.0
+    # Loss = loss_coeff x (−mean reward, or |reward − reward.target|).
+    train.loss_coeff = 0.01
+    # Checkpoint each UNet call that keeps gradients (recompute in backward; saves memory).
+    train.gradient_checkpointing = True
+    # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
+    # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
+    train.truncation = "uniform"
+    # K for "fixed": gradients through the last K UNet calls.
+    train.k = 1
+    # Bounds of K for "uniform" and "gaussian" (1 <= k_min <= k_max <= sample.num_steps).
+    train.k_min = 1
+    train.k_max = 50
+    # Cut point distribution for "gaussian" (step index from which gradients flow).
+    train.cut_mean = 42.0
+    train.cut_std = 5.0
+    # Stop after this many consecutive optimizer steps with a non-finite loss or gradient.
+    train.max_nonfinite_steps = 5
+
+    config.lora = lora = ml_collections.ConfigDict()
+    # LoRA rank and alpha (scale = alpha / rank) on to_q/to_k/to_v/to_out.0 of every attention block.
+    lora.rank = 4
+    lora.alpha = 4.0
+
+    config.reward = reward = ml_collections.ConfigDict()
+    # If set, loss is |reward − target| instead of −reward.
+    reward.target = config_dict.placeholder(float)
+    reward.aesthetic = aesthetic = ml_collections.ConfigDict()
+    # CLIP image tower: hub id, local folder, or "tiny".
+    aesthetic.clip_model = "openai/clip-vit-large-patch14"
+    # Hub repo and file of the LAION MLP (sac+logos+ava1-l14-linearMSE).
+    aesthetic.mlp_repo = "trl-lib/ddpo-aesthetic-predictor"
+    aesthetic.mlp_file = "aesthetic-model.pth"
+    # Local path of the MLP weights; overrides the hub download.
+    aesthetic.mlp_path = config_dict.placeholder(str)
+
+    return config
+
+
+def aesthetic():
+    """The paper's aesthetic experiment: randomized truncation K ~ U[1, 50], effective batch 128."""
+    config = base()
+    config.reward_fn = "aesthetic"
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    # The paper stops aesthetic training early, after 7 epochs (before over-optimization).
+    config.num_epochs = 7
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def aesthetic_k1():
+    """Aesthetic with K=1: only the last UNet call keeps gradients (the low-memory mode)."""
+    config = aesthetic()
+    config.train.truncation = "fixed"
+    config.train.k = 1
+    return config
+
+
+def hps():
+    """HPSv2 image-text alignment on the HPSv2 benchmark prompts, randomized truncation."""
+    config = base()
+    config.reward_fn = "hps"
+    config.prompt_fn = "hps_v2_train"
+    config.eval_prompt_fn = "hps_v2_eval"
+    config.num_epochs = 200
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def hps_k1():
+    config = hps()
+    config.train.truncation = "fixed"
+    config.train.k = 1
+    return config
+
+
+def evaluate():
+    """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
+    config = aesthetic()
+    config.num_epochs = 0
+    config.eval_freq = 1
+    return config
+
+
+def tiny():
+    """Tiny random models on the CPU, fp32, offline: the whole pipeline in seconds."""
+    config = aesthetic()
+    config.logdir = "logs/tiny"
+    config.mixed_precision = "no"
+    config.pretrained.model = "tiny"
+    config.reward.aesthetic.clip_model = "tiny"
+    config.sample.num_steps = 8
+    config.sample.eval_batch_size = 4
+    config.sample.num_eval_samples = 4
+    config.train.batch_size_per_gpu = 2
+    config.train.total_batch_size = 4
+    config.train.total_samples_per_epoch = 8
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 8
+    config.train.learning_rate = 3e-2
+    # The random tiny reward has a tiny output scale; without this its gradients sit near Adam's eps.
+    config.train.loss_coeff = 1.0
+    config.num_epochs = 4
+    config.save_freq = 2
+    config.eval_freq = 0
+    return config
+
+
+EXPERIMENTS = {
+    "aesthetic": aesthetic,
+    "aesthetic_k1": aesthetic_k1,
+    "hps": hps,
+    "hps_k1": hps_k1,
+    "evaluate": evaluate,
+    "tiny": tiny,
+}
+
+
+def get_config(name="aesthetic"):
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]()
