@@ -67,6 +67,15 @@ def micro_batch(ctx):
     return loss, rewards.detach(), info, list(prompts), k
 
 
+def reduce_info(accelerator, infos):
+    """Per-sample tensors of the rewards' `info` dicts -> `reward/<key>` means over all processes."""
+    out = {}
+    for key in infos[0] if infos else ():
+        values = torch.cat([torch.as_tensor(info[key]).detach().float().reshape(-1) for info in infos])
+        out[f"reward/{key}"] = accelerator.gather(values.to(accelerator.device)).mean().item()
+    return out
+
+
 def train_step(ctx):
     """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
 
@@ -76,12 +85,12 @@ def train_step(ctx):
     """
     accelerator = ctx.accelerator
     start = time.perf_counter()
-    losses, all_rewards, ks, prompts = [], [], [], []
+    losses, all_rewards, ks, prompts, infos = [], [], [], [], []
     nonfinite = torch.zeros((), device=accelerator.device)
     grad_norm = torch.tensor(float("nan"))
     for _ in range(ctx.accumulation_steps):
         with accelerator.accumulate(ctx.unet), accelerator.autocast():
-            loss, rewards, _, batch_prompts, k = micro_batch(ctx)
+            loss, rewards, info, batch_prompts, k = micro_batch(ctx)
             finite = torch.isfinite(loss.detach())
             nonfinite += (~finite).float()
             # Backward even when non-finite: under DDP every rank must join the all-reduce.
@@ -95,12 +104,14 @@ def train_step(ctx):
         losses.append(loss.detach())
         all_rewards.append(rewards)
         ks.append(k)
+        infos.append(info)
         prompts.extend(batch_prompts)
     rewards = accelerator.gather(torch.cat(all_rewards).float())
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
     return {
+        **reduce_info(accelerator, infos),
         "loss": loss.item(),
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
