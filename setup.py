@@ -1,4 +1,10 @@
+import os
+
 from setuptools import find_packages, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "requirements.txt")) as f:
+    requirements = [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 setup(
     name="alignprop",
@@ -6,22 +12,6 @@ setup(
     description="Align text-to-image diffusion models to differentiable rewards by backpropagation (AlignProp).",
     packages=find_packages(include=["alignprop", "alignprop.*"]),
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.32",
-        "transformers>=4.45",
-        "accelerate>=1.0",
-        "peft>=0.15",
-        "ml_collections",
-        "absl-py",
-        "wandb",
-        "tensorboard",
-        "open_clip_torch>=2.26",
-        "numpy",
-        "pillow",
-        "matplotlib",
-        "safetensors",
-        "tqdm",
-    ],
+    install_requires=requirements,
     extras_require={"test": ["pytest"], "8bit": ["bitsandbytes"]},
 )

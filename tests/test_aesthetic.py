@@ -1,0 +1,99 @@
+"""The aesthetic reward: real MLP file format, differentiable scorer, shared CLIP preprocessing."""
+
+import os
+
+import ml_collections
+import pytest
+import torch
+
+from alignprop.rewards import UnknownRewardError, check_name, make_reward_fn
+from alignprop.rewards.aesthetic import AestheticMLP, load_mlp_state_dict
+from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from conftest import SHARED_ASSETS
+
+REAL_MLP = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
+
+
+@pytest.mark.skipif(not os.path.exists(REAL_MLP), reason="the real LAION MLP file lies in ../shared/assets only here")
+def test_real_mlp_file_loads_strictly():
+    state = load_mlp_state_dict(REAL_MLP)
+    assert set(state) == {f"layers.{i}.{w}" for i in (0, 2, 4, 6, 7) for w in ("weight", "bias")}
+    mlp = AestheticMLP(768)
+    mlp.load_state_dict(state, strict=True)
+    # A real predictor scores on the ~1..10 scale; a unit embedding gives a value in a sane range.
+    emb = torch.nn.functional.normalize(torch.randn(4, 768, generator=torch.Generator().manual_seed(0)), dim=-1)
+    scores = mlp.eval()(emb).squeeze(-1)
+    assert scores.shape == (4,) and torch.all(scores.abs() < 20)
+
+
+def test_wrong_keys_are_reported(tmp_path):
+    path = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(1)}, path)
+    config = _config(mlp_path=str(path), clip_model="tiny")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        make_reward_fn(config, torch.device("cpu"), torch.float32)
+
+
+def _config(**aesthetic):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.reward_fn = "aesthetic"
+    c.reward = ml_collections.ConfigDict()
+    c.reward.aesthetic = ml_collections.ConfigDict(
+        dict(clip_model="tiny", mlp_repo="trl-lib/ddpo-aesthetic-predictor", mlp_file="aesthetic-model.pth",
+             mlp_path=None)
+    )
+    c.reward.aesthetic.update(aesthetic)
+    return c
+
+
+def test_scorer_is_differentiable_and_shaped():
+    reward_fn = make_reward_fn(_config(), torch.device("cpu"), torch.float32)
+    images = torch.rand(3, 3, 40, 56, requires_grad=True)
+    rewards, info = reward_fn(images, ["a", "b", "c"], [{}] * 3)
+    assert rewards.shape == (3,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+    rewards.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_offline_mlp_error_names_repo_file_and_key(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from alignprop.rewards.loading import WeightsNotFoundError, hub_file
+
+    with pytest.raises(WeightsNotFoundError) as e:
+        hub_file("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth", key="config.reward.aesthetic.mlp_path")
+    msg = str(e.value)
+    assert "trl-lib/ddpo-aesthetic-predictor" in msg and "aesthetic-model.pth" in msg
+    assert "config.reward.aesthetic.mlp_path" in msg
+
+
+def test_clip_preprocess_matches_manual_resize_and_normalize():
+    images = torch.rand(2, 3, 64, 96)
+    out = clip_preprocess(images, 32)
+    # Shorter side to 32 (64x96 -> 32x48), center crop 32x32 (columns 8..40), normalize.
+    resized = torch.nn.functional.interpolate(images, size=(32, 48), mode="bilinear", antialias=True)
+    crop = resized[..., :, 8:40]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (crop - mean) / std)
+
+
+def test_clip_preprocess_close_to_transformers_processor():
+    """Against CLIPImageProcessor (PIL bicubic): same geometry and normalization, small resampling difference."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    g = torch.Generator().manual_seed(0)
+    # A smooth image, so that bilinear vs bicubic resampling differ little.
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(448, 448), mode="bilinear")
+    array = (base[0].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    processor = CLIPImageProcessor()  # resize 224 shortest side, center crop 224, OpenAI mean/std
+    expected = processor(images=Image.fromarray(array), return_tensors="pt").pixel_values
+    ours = clip_preprocess(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255, 224)
+    assert ours.shape == expected.shape == (1, 3, 224, 224)
+    assert (ours - expected).abs().mean() < 0.02
+
+
+def test_unknown_reward_lists_valid_names():
+    with pytest.raises(UnknownRewardError, match="valid: aesthetic"):
+        check_name("aesthetics")
