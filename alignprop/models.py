@@ -100,6 +100,16 @@ def add_lora(unet, rank, alpha, init="gaussian", target_modules=LORA_TARGET_MODU
     return lora_config
 
 
+def set_up_forward(unet, train):
+    """Forward-pass options of the trained UNet: merged LoRA, block checkpointing (see config.train)."""
+    if train.merged_lora:
+        from alignprop.lora import merge_lora_forward
+
+        merge_lora_forward(unet)
+    if train.checkpoint_unet_blocks:
+        unet.enable_gradient_checkpointing()
+
+
 def trainable_parameters(module):
     return [p for p in module.parameters() if p.requires_grad]
 

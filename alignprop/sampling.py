@@ -7,6 +7,7 @@ every variant that changes which steps get gradients.
 import dataclasses
 
 import torch
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 
@@ -63,31 +64,46 @@ def ddim_rollout(
     if not 0 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps={grad_steps} must be in [0, {num_steps}]")
     cut = num_steps - grad_steps
-    nograd_denoise_fn = nograd_denoise_fn or denoise_fn
-    for i, t in enumerate(timesteps):
-        if i < cut:
-            with torch.no_grad():
-                noise_pred = nograd_denoise_fn(latents, t)
-        elif checkpoint_grad_steps and torch.is_grad_enabled():
+
+    def step(noise_pred, t, latents):
+        variance_noise = None
+        if eta > 0:
+            variance_noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        return scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+
+    # cached(): parametrized weights (the merged LoRA) are computed once for the whole no-grad prefix.
+    with torch.no_grad(), parametrize.cached():
+        for t in timesteps[:cut]:
+            latents = step((nograd_denoise_fn or denoise_fn)(latents, t), t, latents)
+    for t in timesteps[cut:]:
+        if checkpoint_grad_steps and torch.is_grad_enabled():
             noise_pred = checkpoint(denoise_fn, latents, t, use_reentrant=False)
         else:
             noise_pred = denoise_fn(latents, t)
-        variance_noise = None
-        if eta > 0:
-            variance_noise = torch.randn(
-                latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-            )
-        latents = scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
+        latents = step(noise_pred, t, latents)
     return latents
 
 
-def decode_latents(vae, latents):
-    """VAE decode to images in [0, 1]: the one place where the [-1, 1] -> [0, 1] mapping happens."""
+def decode_latents(vae, latents, batch_size=None, checkpoint_decode=False):
+    """VAE decode to images in [0, 1]: the one place where the [-1, 1] -> [0, 1] mapping happens.
+
+    `batch_size` decodes in chunks; with `checkpoint_decode` each chunk's decoder activations are
+    recomputed in backward instead of stored, so the decoder's memory is that of one chunk.
+    """
     latents = latents / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         latents = latents + shift
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    latents = latents.to(vae.dtype)
+
+    def decode(z):
+        return vae.decode(z, return_dict=False)[0]
+
+    chunks = latents.split(batch_size or len(latents))
+    if checkpoint_decode and torch.is_grad_enabled():
+        images = torch.cat([checkpoint(decode, z, use_reentrant=False) for z in chunks])
+    else:
+        images = torch.cat([decode(z) for z in chunks])
     return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -107,10 +123,17 @@ class SamplingSpec:
     height: int = None
     width: int = None
     checkpoint_grad_steps: bool = True
+    decode_batch_size: int = None
+    checkpoint_decode: bool = False
 
 
-def sample_images(unet, vae, scheduler, prompt_embeds, negative_prompt_embeds, latents, spec, grad_steps, generator):
-    """Roll out DDIM from `latents` and decode to [0, 1] images; the last `grad_steps` UNet calls keep grads."""
+def sample_images(
+    unet, vae, scheduler, prompt_embeds, negative_prompt_embeds, latents, spec, grad_steps, generator, nograd_unet=None
+):
+    """Roll out DDIM from `latents` and decode to [0, 1] images; the last `grad_steps` UNet calls keep grads.
+
+    `nograd_unet` (default `unet`) runs the steps without gradients: under DDP, the unwrapped module.
+    """
     timesteps = ddim_timesteps(scheduler, spec.num_steps)
     denoise = guided_unet(unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale)
     latents = ddim_rollout(
@@ -122,5 +145,6 @@ def sample_images(unet, vae, scheduler, prompt_embeds, negative_prompt_embeds, l
         eta=spec.eta,
         generator=generator,
         checkpoint_grad_steps=spec.checkpoint_grad_steps,
+        nograd_denoise_fn=nograd_unet and guided_unet(nograd_unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale),
     )
-    return decode_latents(vae, latents)
+    return decode_latents(vae, latents, spec.decode_batch_size, spec.checkpoint_decode)

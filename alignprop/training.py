@@ -4,6 +4,7 @@ import dataclasses
 import time
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from alignprop.models import encode_prompts, latent_shape
 from alignprop.rewards import reward_loss
@@ -61,8 +62,14 @@ def micro_batch(ctx):
     shape = latent_shape(components.unet, components.vae, ctx.spec.height, ctx.spec.width)
     sigma = components.scheduler.init_noise_sigma
     latents = initial_latents(len(prompts), shape, ctx.streams.noise, ctx.accelerator.device, init_noise_sigma=sigma)
-    images = sample_images(ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k, ctx.streams.noise)
-    rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
+    images = sample_images(
+        ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k,
+        ctx.streams.noise, nograd_unet=components.unet,
+    )
+    if t.checkpoint_reward:
+        rewards, info = checkpoint(ctx.reward_fn, images, list(prompts), list(metadata), use_reentrant=False)
+    else:
+        rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
     loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
     return loss, rewards.detach(), info, list(prompts), k
 

@@ -89,8 +89,18 @@ def base():
     train.max_grad_norm = 5.0
     # Loss = loss_coeff x (−mean reward, or |reward − reward.target|).
     train.loss_coeff = 0.01
-    # Checkpoint each UNet call that keeps gradients (recompute in backward; saves memory).
+    # Checkpoint each whole UNet call that keeps gradients (recompute in backward; saves memory).
     train.gradient_checkpointing = True
+    # Also checkpoint inside the UNet's blocks (diffusers' own): lowers the recompute peak, costs a forward.
+    train.checkpoint_unet_blocks = False
+    # Run LoRA folded into the weights (W + scale·B·A) instead of peft's side branch: same numbers, ~2x faster.
+    train.merged_lora = True
+    # Decode latents in chunks of this many images (0: all at once), each chunk checkpointed if enabled below.
+    train.decode_batch_size = 1
+    # Recompute the VAE decoder in backward instead of storing its activations (the largest memory item).
+    train.checkpoint_decode = True
+    # Recompute the reward model in backward instead of storing its activations.
+    train.checkpoint_reward = False
     # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
     # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
     train.truncation = "uniform"

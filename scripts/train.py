@@ -92,6 +92,7 @@ def main(_):
     models.check_resolution(components, config.sample.height, config.sample.width)
     models.freeze_and_cast(components, accelerator.device, dtype)
     lora_config = models.add_lora(components.unet, config.lora.rank, config.lora.alpha)
+    models.set_up_forward(components.unet, config.train)
     params = models.trainable_parameters(components.unet)
     reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
     prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
@@ -111,6 +112,8 @@ def main(_):
         height=config.sample.height,
         width=config.sample.width,
         checkpoint_grad_steps=config.train.gradient_checkpointing,
+        decode_batch_size=config.train.decode_batch_size,
+        checkpoint_decode=config.train.checkpoint_decode,
     )
     ctx = TrainContext(
         accelerator=accelerator,

@@ -16,7 +16,7 @@ def _train_config(**overrides):
         dict(
             truncation="uniform", k=1, k_min=1, k_max=4, cut_mean=2.0, cut_std=1.0, loss_coeff=1.0,
             max_grad_norm=5.0, learning_rate=1e-2, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.1,
-            adam_epsilon=1e-8, use_8bit_adam=False,
+            adam_epsilon=1e-8, use_8bit_adam=False, checkpoint_reward=False,
         )
     )
     t.update(overrides)
