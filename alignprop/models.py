@@ -108,6 +108,13 @@ def set_up_forward(unet, train):
         merge_lora_forward(unet)
     if train.checkpoint_unet_blocks:
         unet.enable_gradient_checkpointing()
+    if train.channels_last:
+        unet.to(memory_format=torch.channels_last)
+
+
+def nograd_unet(unet, train):
+    """The module that runs the steps without gradients: the UNet itself, or a compiled view of it."""
+    return torch.compile(unet) if train.compile_unet else unet
 
 
 def trainable_parameters(module):

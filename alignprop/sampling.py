@@ -136,6 +136,8 @@ def sample_images(
     """
     timesteps = ddim_timesteps(scheduler, spec.num_steps)
     denoise = guided_unet(unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale)
+    if nograd_unet is not None:
+        nograd_denoise = guided_unet(nograd_unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale)
     latents = ddim_rollout(
         denoise,
         scheduler,
@@ -145,6 +147,6 @@ def sample_images(
         eta=spec.eta,
         generator=generator,
         checkpoint_grad_steps=spec.checkpoint_grad_steps,
-        nograd_denoise_fn=nograd_unet and guided_unet(nograd_unet, prompt_embeds, negative_prompt_embeds, spec.guidance_scale),
+        nograd_denoise_fn=None if nograd_unet is None else nograd_denoise,
     )
     return decode_latents(vae, latents, spec.decode_batch_size, spec.checkpoint_decode)

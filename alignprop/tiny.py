@@ -33,9 +33,13 @@ def _bytes_to_unicode():
 
 @functools.lru_cache(maxsize=1)
 def _clip_vocab_and_merges():
-    import open_clip
+    import importlib.util
 
-    path = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    # Located without importing open_clip (whose import pulls in timm and torchvision).
+    package = importlib.util.find_spec("open_clip")
+    if package is None:
+        raise ModuleNotFoundError("the offline CLIP tokenizer needs open_clip_torch (`pip install open_clip_torch`)")
+    path = os.path.join(package.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     # Line 0 is a version header; CLIP uses merges 1..48894 (49152 - 256 - 2), as open_clip does.

@@ -47,6 +47,7 @@ class TrainContext:
     batch_size: int
     streams: object  # RandomStreams
     negative_prompt_embeds: torch.Tensor  # [1, 77, D], the empty prompt
+    nograd_unet: torch.nn.Module = None  # runs the steps before the cut (the raw or compiled UNet)
 
 
 def micro_batch(ctx):
@@ -64,7 +65,7 @@ def micro_batch(ctx):
     latents = initial_latents(len(prompts), shape, ctx.streams.noise, ctx.accelerator.device, init_noise_sigma=sigma)
     images = sample_images(
         ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k,
-        ctx.streams.noise, nograd_unet=components.unet,
+        ctx.streams.noise, nograd_unet=ctx.nograd_unet,
     )
     if t.checkpoint_reward:
         rewards, info = checkpoint(ctx.reward_fn, images, list(prompts), list(metadata), use_reentrant=False)
@@ -129,3 +130,51 @@ def train_step(ctx):
         "seconds": time.perf_counter() - start,
         "prompts": prompts,
     }
+
+
+def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
+    """Add LoRA to the (frozen, cast) UNet, build the optimizer, prepare for (multi-)GPU, seed the streams.
+
+    Returns (ctx, lora_config). The forward pass goes through the prepared module, or DDP never syncs
+    the LoRA gradients.
+    """
+    from alignprop.checkpoints import register_hooks
+    from alignprop.models import add_lora, nograd_unet, set_up_forward, trainable_parameters
+    from alignprop.rng import RandomStreams
+
+    lora_config = add_lora(components.unet, config.lora.rank, config.lora.alpha)
+    set_up_forward(components.unet, config.train)
+    params = trainable_parameters(components.unet)
+    optimizer = build_optimizer(params, config.train)
+    unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
+    register_hooks(accelerator, components.unet, lora_config)
+    accelerator.register_for_checkpointing(streams)
+    spec = SamplingSpec(
+        num_steps=config.sample.num_steps,
+        guidance_scale=config.sample.guidance_scale,
+        eta=config.sample.eta,
+        height=config.sample.height,
+        width=config.sample.width,
+        checkpoint_grad_steps=config.train.gradient_checkpointing,
+        decode_batch_size=config.train.decode_batch_size,
+        checkpoint_decode=config.train.checkpoint_decode,
+    )
+    ctx = TrainContext(
+        accelerator=accelerator,
+        unet=unet,
+        components=components,
+        reward_fn=reward_fn,
+        prompt_set=prompt_set,
+        optimizer=optimizer,
+        params=params,
+        spec=spec,
+        train=config.train,
+        reward_target=config.reward.target,
+        accumulation_steps=plan.accumulation_steps,
+        batch_size=plan.batch_size_per_gpu,
+        streams=streams,
+        negative_prompt_embeds=encode_prompts(components.text_encoder, components.tokenizer, [""]),
+        nograd_unet=nograd_unet(components.unet, config.train),
+    )
+    return ctx, lora_config

@@ -91,8 +91,9 @@ def base():
     train.loss_coeff = 0.01
     # Checkpoint each whole UNet call that keeps gradients (recompute in backward; saves memory).
     train.gradient_checkpointing = True
-    # Also checkpoint inside the UNet's blocks (diffusers' own): lowers the recompute peak, costs a forward.
-    train.checkpoint_unet_blocks = False
+    # Also checkpoint inside the UNet's blocks (diffusers' own): halves peak memory (15.5 -> 7.5 GiB at batch 4
+    # on an H100, BENCHMARKS.md), costs one more forward per grad step in backward.
+    train.checkpoint_unet_blocks = True
     # Run LoRA folded into the weights (W + scale·B·A) instead of peft's side branch: same numbers, ~2x faster.
     train.merged_lora = True
     # Decode latents in chunks of this many images (0: all at once), each chunk checkpointed if enabled below.
@@ -101,6 +102,10 @@ def base():
     train.checkpoint_decode = True
     # Recompute the reward model in backward instead of storing its activations.
     train.checkpoint_reward = False
+    # Keep the UNet's convolution weights in channels_last memory format (faster convolutions on GPUs).
+    train.channels_last = False
+    # torch.compile the UNet for the steps without gradients (compiled once per shape; slow first step).
+    train.compile_unet = False
     # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
     # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
     train.truncation = "uniform"

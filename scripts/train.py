@@ -15,10 +15,8 @@ from ml_collections import config_flags
 from alignprop import checkpoints, models, prompts, rewards
 from alignprop.evaluation import eval_items, evaluate
 from alignprop.plan import make_batch_plan
-from alignprop.rng import RandomStreams
-from alignprop.sampling import SamplingSpec
 from alignprop.tracking import RunFolder, captions, image_grid, plot_rewards
-from alignprop.training import TrainContext, build_optimizer, train_step
+from alignprop.training import make_context, train_step
 from alignprop.validation import ConfigError, check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
@@ -91,46 +89,11 @@ def main(_):
     components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
     models.check_resolution(components, config.sample.height, config.sample.width)
     models.freeze_and_cast(components, accelerator.device, dtype)
-    lora_config = models.add_lora(components.unet, config.lora.rank, config.lora.alpha)
-    models.set_up_forward(components.unet, config.train)
-    params = models.trainable_parameters(components.unet)
     reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
     prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
     eval_set = prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn")
-
-    optimizer = build_optimizer(params, config.train)
-    # The forward pass must go through the prepared module, or DDP never syncs the LoRA gradients.
-    unet, optimizer = accelerator.prepare(components.unet, optimizer)
-    streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
-    checkpoints.register_hooks(accelerator, components.unet, lora_config)
-    accelerator.register_for_checkpointing(streams)
-    negative_prompt_embeds = models.encode_prompts(components.text_encoder, components.tokenizer, [""])
-    spec = SamplingSpec(
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        height=config.sample.height,
-        width=config.sample.width,
-        checkpoint_grad_steps=config.train.gradient_checkpointing,
-        decode_batch_size=config.train.decode_batch_size,
-        checkpoint_decode=config.train.checkpoint_decode,
-    )
-    ctx = TrainContext(
-        accelerator=accelerator,
-        unet=unet,
-        components=components,
-        reward_fn=reward_fn,
-        prompt_set=prompt_set,
-        optimizer=optimizer,
-        params=params,
-        spec=spec,
-        train=config.train,
-        reward_target=config.reward.target,
-        accumulation_steps=plan.accumulation_steps,
-        batch_size=plan.batch_size_per_gpu,
-        streams=streams,
-        negative_prompt_embeds=negative_prompt_embeds,
-    )
+    ctx, lora_config = make_context(config, accelerator, components, reward_fn, prompt_set, plan)
+    spec, negative_prompt_embeds = ctx.spec, ctx.negative_prompt_embeds
 
     step, first_epoch = 0, 0
     if resume_checkpoint:

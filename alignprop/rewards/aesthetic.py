@@ -90,11 +90,12 @@ def build_scorer(cfg, seed=0):
     return AestheticScorer(vision, mlp)
 
 
-def make(config, device, dtype):
-    scorer = build_scorer(config.reward.aesthetic, seed=config.seed).to(device, dtype=dtype)
-
+def as_reward_fn(scorer):
     def reward_fn(images, prompts, metadata):
-        rewards = scorer(images).float()
-        return rewards, {}
+        return scorer(images).float(), {}
 
     return reward_fn
+
+
+def make(config, device, dtype):
+    return as_reward_fn(build_scorer(config.reward.aesthetic, seed=config.seed).to(device, dtype=dtype))

@@ -1,0 +1,207 @@
+"""Seconds per training step and peak memory of alignprop at Stable Diffusion 1.5 size, random weights.
+
+Runs the real training step (`alignprop.training.train_step`) on SD 1.5-sized UNet/VAE/text encoder
+and a CLIP ViT-L/14-sized aesthetic scorer built from configs (no download), for several K, and prints
+one JSON and a markdown table. Run the peer script in the same command for ratios on the same card:
+
+    python scripts/benchmark.py --batch 4 --ks 1,10,50,uniform --out $OUT
+    python scripts/benchmark.py --batch 4 --ks 1 --set train.merged_lora=False   # one option off
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def sd15_components(seed=0):
+    """SD 1.5 architectures (runwayml/stable-diffusion-v1-5 configs) with random weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from alignprop.models import Components
+    from alignprop.tiny import SD15_SCHEDULER_CONFIG, clip_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        )
+    )
+    return Components(unet, vae, text_encoder, clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER_CONFIG))
+
+
+def vit_l14_aesthetic(device, dtype):
+    """The aesthetic scorer with a CLIP ViT-L/14 (openai/clip-vit-large-patch14) tower, random weights."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from alignprop.rewards.aesthetic import AestheticMLP, AestheticScorer, as_reward_fn
+
+    config = CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )
+    scorer = AestheticScorer(CLIPVisionModelWithProjection(config), AestheticMLP(768))
+    return as_reward_fn(scorer.to(device, dtype=dtype))
+
+
+def load_experiment(name):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "align_prop.py")
+    spec = importlib.util.spec_from_file_location("align_prop_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(name)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def parse_value(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"True": True, "False": False}.get(text, text)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--ks", default="1,10,50,uniform", help="comma-separated K values; 'uniform' = U[1, steps]")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=3, help="timed steps per K (after one warm-up step)")
+    ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "no"])
+    ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, e.g. train.merged_lora=False")
+    ap.add_argument("--label", default="alignprop")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (a CPU smoke test of this script)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    from accelerate import Accelerator
+
+    from alignprop.models import freeze_and_cast, inference_dtype
+    from alignprop.plan import make_batch_plan
+    from alignprop.prompts import make_prompt_set
+    from alignprop.training import make_context, train_step
+    config = load_experiment("aesthetic")
+    config.mixed_precision = args.precision
+    config.sample.num_steps = args.steps
+    config.train.batch_size_per_gpu = config.train.total_batch_size = config.train.total_samples_per_epoch = args.batch
+    for item in args.set:
+        key, value = item.split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = parse_value(value)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    device, dtype = accelerator.device, inference_dtype(config.mixed_precision)
+    if args.tiny:
+        from alignprop.models import Components
+        from alignprop.rewards.aesthetic import AestheticScorer, as_reward_fn, build_scorer
+        from alignprop.tiny import build_tiny_components
+
+        components = Components(**build_tiny_components())
+        config.reward.aesthetic.clip_model = "tiny"
+        reward_fn = as_reward_fn(build_scorer(config.reward.aesthetic).to(device, dtype=dtype))
+    else:
+        components = sd15_components()
+        reward_fn = vit_l14_aesthetic(device, dtype)
+    freeze_and_cast(components, device, dtype)
+    plan = make_batch_plan(args.batch, args.batch, args.batch, 1)
+    ctx, _ = make_context(config, accelerator, components, reward_fn, make_prompt_set("simple_animals"), plan)
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    results = {
+        "label": args.label, "card": card, "precision": args.precision, "batch": args.batch, "steps": args.steps,
+        "torch": torch.__version__, "overrides": args.set, "lora_params": sum(p.numel() for p in ctx.params), "k": {},
+    }
+    import diffusers, transformers, peft  # noqa: E401
+
+    results.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    for k in args.ks.split(","):
+        if k == "uniform":
+            config.train.truncation, config.train.k_min, config.train.k_max = "uniform", 1, args.steps
+        else:
+            config.train.truncation, config.train.k = "fixed", int(k)
+        try:
+            train_step(ctx)  # warm-up
+            sync()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.iters):
+                start = time.perf_counter()
+                metrics = train_step(ctx)
+                sync()
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            row = {
+                "s_per_step_median": median, "s_all": times, "peak_GiB": peak_gib(),
+                "images_per_s": args.batch / median, "finite": bool(torch.isfinite(torch.tensor(metrics["loss"]))),
+            }
+        except torch.cuda.OutOfMemoryError:
+            row = {"error": "OOM"}
+            ctx.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        results["k"][k] = row
+        print(f"K={k}", json.dumps(row), flush=True)
+
+    # One no-grad UNet forward on the CFG batch (merged LoRA as in the prefix) and its FLOPs.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = components.unet
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    latents = torch.randn(2 * args.batch, unet.config.in_channels, size, size, device=device, dtype=dtype)
+    embeds = torch.randn(2 * args.batch, 77, width, device=device, dtype=dtype)
+    with torch.no_grad(), accelerator.autocast(), torch.nn.utils.parametrize.cached():
+        for _ in range(3):
+            unet(latents, 500, encoder_hidden_states=embeds)
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            unet(latents, 500, encoder_hidden_states=embeds)
+        sync()
+        fwd = (time.perf_counter() - start) / 10
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, 500, encoder_hidden_states=embeds)
+    tflop = counter.get_total_flops() / 1e12
+    results.update(unet_fwd_cfg_batch_s=fwd, unet_fwd_cfg_batch_tflop=tflop, unet_fwd_tflops_per_s=tflop / fwd)
+    print(json.dumps(results, indent=1), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\n| {card} | batch {args.batch} | {args.precision} | {' '.join(args.set)} |")
+    print("| K | s/step | peak GiB | images/s |\n|---|---|---|---|")
+    for k, row in results["k"].items():
+        if "error" in row:
+            print(f"| {k} | {row['error']} | | |")
+        else:
+            print(f"| {k} | {row['s_per_step_median']:.2f} | {row['peak_GiB']:.2f} | {row['images_per_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
