@@ -23,5 +23,6 @@ setup(
         "safetensors",
         "tqdm",
     ],
-    extras_require={"test": ["pytest"], "8bit": ["bitsandbytes"]},
+    # scikit-image ships the photographs (and needs scipy, used for Spearman) of the JPEG-surrogate ranking test.
+    extras_require={"test": ["pytest", "scikit-image", "scipy"], "8bit": ["bitsandbytes"]},
 )

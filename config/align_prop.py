@@ -122,6 +122,52 @@ def base():
     # Local path of the MLP weights; overrides the hub download.
     aesthetic.mlp_path = config_dict.placeholder(str)
 
+    reward.hps = hps = ml_collections.ConfigDict()
+    # open_clip architecture of HPSv2 ("ViT-H-14"), or "tiny" (random tiny model, offline).
+    hps.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2 checkpoint (a dict with a `state_dict` key).
+    hps.repo = "xswu/HPSv2"
+    hps.file = "HPS_v2_compressed.pt"
+    # Local path of the checkpoint; overrides the hub download.
+    hps.path = config_dict.placeholder(str)
+    reward.hps_v21 = hps_v21 = ml_collections.ConfigDict()
+    # HPSv2.1: same architecture, retrained weights; keys as in `reward.hps`.
+    hps_v21.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2.1 checkpoint.
+    hps_v21.repo = "xswu/HPSv2"
+    hps_v21.file = "HPS_v2.1_compressed.pt"
+    # Local path of the checkpoint; overrides the hub download.
+    hps_v21.path = config_dict.placeholder(str)
+
+    reward.pickscore = pickscore = ml_collections.ConfigDict()
+    # PickScore CLIP ViT-H/14 (transformers CLIPModel): hub id, local folder, or "tiny".
+    pickscore.model = "yuvalkirstain/PickScore_v1"
+    # Processor (tokenizer + normalization) of PickScore: hub id or local folder.
+    pickscore.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    reward.clipscore = clipscore = ml_collections.ConfigDict()
+    # CLIP (transformers CLIPModel) whose image-text cosine is the reward: hub id, local folder, or "tiny".
+    clipscore.model = "openai/clip-vit-large-patch14"
+    # Processor (tokenizer + normalization): hub id or local folder; unset means the model's own.
+    clipscore.processor = config_dict.placeholder(str)
+
+    reward.compressibility = compressibility = ml_collections.ConfigDict()
+    # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
+    # (used by both `compressibility` and `incompressibility`).
+    compressibility.quality = 95
+
+    reward.object_count = object_count = ml_collections.ConfigDict()
+    # Open-vocabulary detector (OWL-ViT or OWLv2 in transformers): hub id, local folder, or "tiny".
+    object_count.model = "google/owlvit-base-patch32"
+    # Processor (tokenizer + normalization) of the detector: hub id or local folder; unset means the model's own.
+    object_count.processor = config_dict.placeholder(str)
+    # Text query of the detector; "{}" is replaced by the metadata's `object`.
+    object_count.query = "a photo of a {}"
+    # A box counts when its probability exceeds this (0.1: the usual OWL-ViT post-processing threshold).
+    object_count.threshold = 0.1
+    # Softness of the count in logit units: sigmoid((logit − logit(threshold)) / temperature) per box.
+    object_count.temperature = 0.25
+
     return config
 
 
@@ -179,7 +225,13 @@ def tiny():
     config.logdir = "logs/tiny"
     config.mixed_precision = "no"
     config.pretrained.model = "tiny"
+    # Every reward model tiny, so that `--config.reward_fn=NAME` (or a weighted sum) runs offline for any reward.
     config.reward.aesthetic.clip_model = "tiny"
+    config.reward.hps.model = "tiny"
+    config.reward.hps_v21.model = "tiny"
+    config.reward.pickscore.model = "tiny"
+    config.reward.clipscore.model = "tiny"
+    config.reward.object_count.model = "tiny"
     config.sample.num_steps = 8
     config.sample.eval_batch_size = 4
     config.sample.num_eval_samples = 4
