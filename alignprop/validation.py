@@ -35,8 +35,15 @@ def _problems(config, num_processes):
             out.append(str(e))
     for key in ("prompt_fn", "eval_prompt_fn"):
         name = config[key]
-        if name.startswith(prompts.FILE_PREFIX) and not os.path.isfile(name[len(prompts.FILE_PREFIX):]):
-            out.append(bad(key, "the prompt file does not exist"))
+        try:
+            prompts.check_name(name, key=key)
+        except ValueError:
+            continue  # reported above
+        path = prompts.local_path(name)
+        if path:
+            exists = os.path.isfile(path[0]) if path[1] == "file" else os.path.isdir(path[0])
+            if not exists:
+                out.append(bad(key, f"the prompt {path[1]} does not exist"))
     if config.mixed_precision not in MIXED_PRECISION:
         out.append(bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}"))
     if config.log_with not in LOG_WITH:
