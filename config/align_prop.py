@@ -3,8 +3,14 @@
 Launch (one or many GPUs):
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
+    accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_hps --config.reward_fn=aesthetic:1,hps:10
+Offline machine: point each reward's weights at local copies, e.g. --config.reward.hps.path=/data/HPS_v2_compressed.pt
+--config.prompt_fn=hps_v2_train:/data/hpdv2_benchmark --config.eval_prompt_fn=hps_v2_eval:/data/hpdv2_benchmark.
 Offline CPU run on tiny random models (seconds):
     python scripts/train.py --config config/align_prop.py:tiny
+    python scripts/train.py --config config/align_prop.py:tiny --config.reward_fn=hps        # any reward, or a sum
+    python scripts/train.py --config config/align_prop.py:tiny --config.reward_fn=object_count \
+        --config.prompt_fn=counting --config.eval_prompt_fn=eval_counting                 # needs count metadata
 
 Every key is declared once in `base()`; experiments are small functions that change a few fields.
 Batch sizes are stated for the whole run (all GPUs); the per-GPU capacity is `train.batch_size_per_gpu`
@@ -211,6 +217,58 @@ def hps_k1():
     return config
 
 
+def hps_v21():
+    """HPSv2.1 on the HPSv2 benchmark prompts, randomized truncation."""
+    config = hps()
+    config.reward_fn = "hps_v21"
+    return config
+
+
+def compressibility():
+    """Minimize the (differentiable surrogate) JPEG size of images of simple animals."""
+    config = base()
+    config.reward_fn = "compressibility"
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    config.num_epochs = 20
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def incompressibility():
+    """Maximize the (differentiable surrogate) JPEG size of images of simple animals."""
+    config = compressibility()
+    config.reward_fn = "incompressibility"
+    return config
+
+
+def object_count():
+    """Generate the number of objects a prompt asks for ("three apples"); held-out objects for evaluation."""
+    config = base()
+    config.reward_fn = "object_count"
+    config.prompt_fn = "counting"
+    config.eval_prompt_fn = "eval_counting"
+    config.num_epochs = 50
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def pickscore():
+    """PickScore on the HPSv2 benchmark prompts, randomized truncation."""
+    config = hps()
+    config.reward_fn = "pickscore"
+    return config
+
+
+def aesthetic_hps():
+    """A weighted sum of rewards: aesthetic (scores ~5-7) + HPSv2 (~0.25-0.3) scaled to a similar range."""
+    config = hps()
+    config.reward_fn = "aesthetic:1.0,hps:20.0"
+    return config
+
+
 def evaluate():
     """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
     config = aesthetic()
@@ -254,6 +312,12 @@ EXPERIMENTS = {
     "aesthetic_k1": aesthetic_k1,
     "hps": hps,
     "hps_k1": hps_k1,
+    "hps_v21": hps_v21,
+    "compressibility": compressibility,
+    "incompressibility": incompressibility,
+    "object_count": object_count,
+    "pickscore": pickscore,
+    "aesthetic_hps": aesthetic_hps,
     "evaluate": evaluate,
     "tiny": tiny,
 }
