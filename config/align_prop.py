@@ -4,6 +4,7 @@ Launch (one or many GPUs):
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_hps --config.reward_fn=aesthetic:1,hps:10
+    (config.reward_fn: one reward name, or a weighted sum "name:weight,name:weight"; see alignprop/rewards)
 Offline machine: point each reward's weights at local copies, e.g. --config.reward.hps.path=/data/HPS_v2_compressed.pt
 --config.prompt_fn=hps_v2_train:/data/hpdv2_benchmark --config.eval_prompt_fn=hps_v2_eval:/data/hpdv2_benchmark.
 Offline CPU run on tiny random models (seconds):
@@ -263,7 +264,11 @@ def pickscore():
 
 
 def aesthetic_hps():
-    """A weighted sum of rewards: aesthetic (scores ~5-7) + HPSv2 (~0.25-0.3) scaled to a similar range."""
+    """A weighted sum of rewards on the HPSv2 prompts: aesthetic + 20 x HPSv2.
+
+    HPSv2 moves ~20x less than the aesthetic score under training (about 0.25 -> 0.3 versus 5 -> 7), so a
+    weight of 20 lets both pull on the LoRA about equally; change it to trade one off against the other.
+    """
     config = hps()
     config.reward_fn = "aesthetic:1.0,hps:20.0"
     return config

@@ -58,7 +58,10 @@ def load_hps_checkpoint(model, path):
             f"(is it an HPS checkpoint of this architecture?): {e}"
         ) from e
     except Exception as e:  # unpickling errors of a corrupt or non-checkpoint file
-        raise RuntimeError(f"HPS checkpoint {path!r} could not be read ({type(e).__name__}: {e}).") from e
+        raise RuntimeError(
+            f"HPS checkpoint {path!r} could not be read ({type(e).__name__}: {e}). It is read with "
+            f"torch.load(weights_only=True), which accepts tensors in plain containers only."
+        ) from e
 
 
 def build_scorer(cfg, key, seed=0):
