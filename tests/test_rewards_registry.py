@@ -140,3 +140,8 @@ def test_tiny_config_makes_every_reward_model_tiny():
     models = {name: sub.get("model", sub.get("clip_model")) for name, sub in reward.items() if hasattr(sub, "keys")}
     assert {"aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count"} <= set(models)
     assert all(model in (None, "tiny") for model in models.values()), models
+
+
+def test_unknown_single_name_message():
+    with pytest.raises(UnknownRewardError, match=r"^config.reward_fn='nope' is not a reward; valid: aesthetic, "):
+        rewards.check_name("nope")

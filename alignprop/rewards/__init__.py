@@ -53,7 +53,8 @@ def parse_reward_spec(spec, key="reward_fn"):
                 f"(e.g. 'aesthetic:1.0,hps:0.5')."
             )
         if name not in REWARDS:
-            raise UnknownRewardError(f"config.{key}={spec!r}: {name!r} is not a reward; valid: {valid}.")
+            which = "" if name == spec.strip() else f": {name!r}"  # in a sum, name the bad component
+            raise UnknownRewardError(f"config.{key}={spec!r}{which} is not a reward; valid: {valid}.")
         weight = 1.0
         if sep:
             try:
