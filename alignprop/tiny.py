@@ -159,3 +159,60 @@ def build_tiny_clip(seed=0):
 
     torch.manual_seed(seed)
     return CLIPModel(tiny_clip_vision_config())
+
+
+# A tiny open_clip CLIP in open_clip's model-config schema (model_configs/*.json): the HPS reward's
+# `tiny` model, and the config tests register with `open_clip.add_model_config` to test the real loader.
+TINY_OPEN_CLIP_CONFIG = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
+    text_cfg=dict(context_length=TINY_CLIP_MAX_LENGTH, vocab_size=CLIP_VOCAB_SIZE, width=32, heads=4, layers=2),
+)
+
+
+def build_tiny_open_clip(seed=0):
+    """A tiny open_clip CLIP (output_dict=True) with seeded random weights; the global RNG is left as it was."""
+    import copy
+
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return open_clip.model.CLIP(**copy.deepcopy(TINY_OPEN_CLIP_CONFIG), output_dict=True)
+
+
+def tiny_owlvit_config():
+    """A tiny OWL-ViT detector config: 32x32 images in 8x8 patches (16 boxes), 16-token text queries."""
+    from transformers import OwlViTConfig
+
+    return OwlViTConfig(
+        text_config=dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=16,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+
+
+def build_tiny_owlvit(seed=0):
+    """A tiny OwlViTForObjectDetection with seeded random weights; the global RNG is left as it was."""
+    from transformers import OwlViTForObjectDetection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return OwlViTForObjectDetection(tiny_owlvit_config())

@@ -33,10 +33,29 @@ def _problems(config, num_processes):
             check(config[key], key=key)
         except ValueError as e:
             out.append(str(e))
+    try:
+        needed = rewards.required_metadata(config.reward_fn)
+    except ValueError:
+        needed = ()  # reported above
     for key in ("prompt_fn", "eval_prompt_fn"):
         name = config[key]
-        if name.startswith(prompts.FILE_PREFIX) and not os.path.isfile(name[len(prompts.FILE_PREFIX):]):
-            out.append(bad(key, "the prompt file does not exist"))
+        try:
+            prompts.check_name(name, key=key)
+        except ValueError:
+            continue  # reported above
+        path = prompts.local_path(name)
+        if path:
+            exists = os.path.isfile(path[0]) if path[1] == "file" else os.path.isdir(path[0])
+            if not exists:
+                out.append(bad(key, f"the prompt {path[1]} does not exist"))
+        keys = prompts.metadata_keys(name)
+        missing = [k for k in needed if keys is not None and k not in keys]
+        if missing:
+            givers = [n for n, k in prompts.METADATA_KEYS.items() if all(m in k for m in needed)]
+            out.append(
+                bad(key, f"its prompts carry no {'/'.join(missing)} metadata, which config.reward_fn="
+                f"{config.reward_fn!r} needs; use {' or '.join(givers)}, or a JSON prompt file with those keys")
+            )
     if config.mixed_precision not in MIXED_PRECISION:
         out.append(bad("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}"))
     if config.log_with not in LOG_WITH:

@@ -3,8 +3,15 @@
 Launch (one or many GPUs):
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
+    accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_hps --config.reward_fn=aesthetic:1,hps:10
+    (config.reward_fn: one reward name, or a weighted sum "name:weight,name:weight"; see alignprop/rewards)
+Offline machine: point each reward's weights at local copies, e.g. --config.reward.hps.path=/data/HPS_v2_compressed.pt
+--config.prompt_fn=hps_v2_train:/data/hpdv2_benchmark --config.eval_prompt_fn=hps_v2_eval:/data/hpdv2_benchmark.
 Offline CPU run on tiny random models (seconds):
     python scripts/train.py --config config/align_prop.py:tiny
+    python scripts/train.py --config config/align_prop.py:tiny --config.reward_fn=hps        # any reward, or a sum
+    python scripts/train.py --config config/align_prop.py:tiny --config.reward_fn=object_count \
+        --config.prompt_fn=counting --config.eval_prompt_fn=eval_counting                 # needs count metadata
 
 Every key is declared once in `base()`; experiments are small functions that change a few fields.
 Batch sizes are stated for the whole run (all GPUs); the per-GPU capacity is `train.batch_size_per_gpu`
@@ -137,6 +144,52 @@ def base():
     # Local path of the MLP weights; overrides the hub download.
     aesthetic.mlp_path = config_dict.placeholder(str)
 
+    reward.hps = hps = ml_collections.ConfigDict()
+    # open_clip architecture of HPSv2 ("ViT-H-14"), or "tiny" (random tiny model, offline).
+    hps.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2 checkpoint (a dict with a `state_dict` key).
+    hps.repo = "xswu/HPSv2"
+    hps.file = "HPS_v2_compressed.pt"
+    # Local path of the checkpoint; overrides the hub download.
+    hps.path = config_dict.placeholder(str)
+    reward.hps_v21 = hps_v21 = ml_collections.ConfigDict()
+    # HPSv2.1: same architecture, retrained weights; keys as in `reward.hps`.
+    hps_v21.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2.1 checkpoint.
+    hps_v21.repo = "xswu/HPSv2"
+    hps_v21.file = "HPS_v2.1_compressed.pt"
+    # Local path of the checkpoint; overrides the hub download.
+    hps_v21.path = config_dict.placeholder(str)
+
+    reward.pickscore = pickscore = ml_collections.ConfigDict()
+    # PickScore CLIP ViT-H/14 (transformers CLIPModel): hub id, local folder, or "tiny".
+    pickscore.model = "yuvalkirstain/PickScore_v1"
+    # Processor (tokenizer + normalization) of PickScore: hub id or local folder.
+    pickscore.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    reward.clipscore = clipscore = ml_collections.ConfigDict()
+    # CLIP (transformers CLIPModel) whose image-text cosine is the reward: hub id, local folder, or "tiny".
+    clipscore.model = "openai/clip-vit-large-patch14"
+    # Processor (tokenizer + normalization): hub id or local folder; unset means the model's own.
+    clipscore.processor = config_dict.placeholder(str)
+
+    reward.compressibility = compressibility = ml_collections.ConfigDict()
+    # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
+    # (used by both `compressibility` and `incompressibility`).
+    compressibility.quality = 95
+
+    reward.object_count = object_count = ml_collections.ConfigDict()
+    # Open-vocabulary detector (OWL-ViT or OWLv2 in transformers): hub id, local folder, or "tiny".
+    object_count.model = "google/owlvit-base-patch32"
+    # Processor (tokenizer + normalization) of the detector: hub id or local folder; unset means the model's own.
+    object_count.processor = config_dict.placeholder(str)
+    # Text query of the detector; "{}" is replaced by the metadata's `object`.
+    object_count.query = "a photo of a {}"
+    # A box counts when its probability exceeds this (0.1: the usual OWL-ViT post-processing threshold).
+    object_count.threshold = 0.1
+    # Softness of the count in logit units: sigmoid((logit − logit(threshold)) / temperature) per box.
+    object_count.temperature = 0.25
+
     return config
 
 
@@ -180,6 +233,62 @@ def hps_k1():
     return config
 
 
+def hps_v21():
+    """HPSv2.1 on the HPSv2 benchmark prompts, randomized truncation."""
+    config = hps()
+    config.reward_fn = "hps_v21"
+    return config
+
+
+def compressibility():
+    """Minimize the (differentiable surrogate) JPEG size of images of simple animals."""
+    config = base()
+    config.reward_fn = "compressibility"
+    config.prompt_fn = "simple_animals"
+    config.eval_prompt_fn = "eval_simple_animals"
+    config.num_epochs = 20
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def incompressibility():
+    """Maximize the (differentiable surrogate) JPEG size of images of simple animals."""
+    config = compressibility()
+    config.reward_fn = "incompressibility"
+    return config
+
+
+def object_count():
+    """Generate the number of objects a prompt asks for ("three apples"); held-out objects for evaluation."""
+    config = base()
+    config.reward_fn = "object_count"
+    config.prompt_fn = "counting"
+    config.eval_prompt_fn = "eval_counting"
+    config.num_epochs = 50
+    config.train.truncation = "uniform"
+    config.train.k_min, config.train.k_max = 1, 50
+    return config
+
+
+def pickscore():
+    """PickScore on the HPSv2 benchmark prompts, randomized truncation."""
+    config = hps()
+    config.reward_fn = "pickscore"
+    return config
+
+
+def aesthetic_hps():
+    """A weighted sum of rewards on the HPSv2 prompts: aesthetic + 20 x HPSv2.
+
+    HPSv2 moves ~20x less than the aesthetic score under training (about 0.25 -> 0.3 versus 5 -> 7), so a
+    weight of 20 lets both pull on the LoRA about equally; change it to trade one off against the other.
+    """
+    config = hps()
+    config.reward_fn = "aesthetic:1.0,hps:20.0"
+    return config
+
+
 def evaluate():
     """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
     config = aesthetic()
@@ -194,7 +303,13 @@ def tiny():
     config.logdir = "logs/tiny"
     config.mixed_precision = "no"
     config.pretrained.model = "tiny"
+    # Every reward model tiny, so that `--config.reward_fn=NAME` (or a weighted sum) runs offline for any reward.
     config.reward.aesthetic.clip_model = "tiny"
+    config.reward.hps.model = "tiny"
+    config.reward.hps_v21.model = "tiny"
+    config.reward.pickscore.model = "tiny"
+    config.reward.clipscore.model = "tiny"
+    config.reward.object_count.model = "tiny"
     config.sample.num_steps = 8
     config.sample.eval_batch_size = 4
     config.sample.num_eval_samples = 4
@@ -217,6 +332,12 @@ EXPERIMENTS = {
     "aesthetic_k1": aesthetic_k1,
     "hps": hps,
     "hps_k1": hps_k1,
+    "hps_v21": hps_v21,
+    "compressibility": compressibility,
+    "incompressibility": incompressibility,
+    "object_count": object_count,
+    "pickscore": pickscore,
+    "aesthetic_hps": aesthetic_hps,
     "evaluate": evaluate,
     "tiny": tiny,
 }

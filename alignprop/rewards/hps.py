@@ -1,0 +1,108 @@
+"""HPSv2 / HPSv2.1 (Human Preference Score v2, Wu et al. 2023): image-text alignment with human preference.
+
+The model is open_clip `ViT-H-14` fine-tuned on HPDv2. Score = cosine of the L2-normalized image and
+prompt embeddings (the diagonal of image·text features, no logit scale), about 0.2-0.35 for real images.
+AlignProp minimizes 1 − score; the reward is the score, which gives the same gradient.
+
+Weights: hub repo `xswu/HPSv2`, `HPS_v2_compressed.pt` (`hps`) or `HPS_v2.1_compressed.pt` (`hps_v21`),
+a dict with a `state_dict` key, or a local copy at `config.reward.<name>.path`.
+"""
+
+import torch
+from torch import nn
+
+from alignprop.rewards.loading import WeightsNotFoundError, hub_file
+from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+TINY = "tiny"
+
+
+class HPSScorer(nn.Module):
+    """(images [B,3,H,W] in [0, 1], prompts) -> HPS score [B]. Frozen, differentiable w.r.t. the images."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        size = model.visual.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if size[0] != size[1]:
+            raise ValueError(f"HPS scorer expects a square image tower, got image_size={size}.")
+        self.image_size = size[0]
+        # open_clip records the normalization of the pretrained tower; OpenAI's constants otherwise (HPSv2's).
+        preprocess_cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+        self.mean = tuple(preprocess_cfg.get("mean", CLIP_MEAN))
+        self.std = tuple(preprocess_cfg.get("std", CLIP_STD))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images, prompts):
+        param = next(self.parameters())
+        pixels = clip_preprocess(images.to(param.dtype), self.image_size, self.mean, self.std)
+        tokens = self.tokenizer(list(prompts)).to(param.device)
+        out = self.model(pixels, tokens)  # output_dict=True: features already L2-normalized
+        return (out["image_features"] * out["text_features"]).sum(-1)
+
+
+def load_hps_checkpoint(model, path):
+    """Load an HPS checkpoint (`{'state_dict': ...}`) into an open_clip model, strictly."""
+    import open_clip
+
+    try:
+        open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"HPS checkpoint {path!r} does not exist.") from None
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"HPS checkpoint {path!r} does not fit the open_clip model it was loaded into "
+            f"(is it an HPS checkpoint of this architecture?): {e}"
+        ) from e
+    except Exception as e:  # unpickling errors of a corrupt or non-checkpoint file
+        raise RuntimeError(
+            f"HPS checkpoint {path!r} could not be read ({type(e).__name__}: {e}). It is read with "
+            f"torch.load(weights_only=True), which accepts tensors in plain containers only."
+        ) from e
+
+
+def build_scorer(cfg, key, seed=0):
+    """The scorer named by `config.reward.<key>`: open_clip `cfg.model` + the HPS checkpoint ('tiny': random)."""
+    import open_clip
+
+    if cfg.model == TINY:
+        from alignprop.tiny import build_tiny_open_clip
+
+        model = build_tiny_open_clip(seed)
+        if cfg.path:
+            load_hps_checkpoint(model, cfg.path)
+        return HPSScorer(model, open_clip.SimpleTokenizer(context_length=model.context_length))
+
+    if open_clip.get_model_config(cfg.model) is None:
+        raise ValueError(
+            f"config.reward.{key}.model={cfg.model!r} is not an open_clip architecture "
+            f"(HPSv2 uses 'ViT-H-14'; 'tiny' builds a random tiny model); known: {', '.join(open_clip.list_models())}."
+        )
+    # Weights first: offline, fail before building a 1B-parameter model.
+    path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
+    # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
+    model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True)
+    load_hps_checkpoint(model, path)
+    return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
+
+
+def _make(config, device, dtype, key):
+    scorer = build_scorer(config.reward[key], key, seed=config.seed).to(device, dtype=dtype)
+
+    def reward_fn(images, prompts, metadata):
+        return scorer(images, prompts).float(), {}
+
+    return reward_fn
+
+
+def make_v2(config, device, dtype):
+    """HPSv2 (`config.reward.hps`)."""
+    return _make(config, device, dtype, "hps")
+
+
+def make_v21(config, device, dtype):
+    """HPSv2.1 (`config.reward.hps_v21`)."""
+    return _make(config, device, dtype, "hps_v21")

@@ -1,0 +1,140 @@
+"""Object count: a soft, differentiable count of the prompt's object found by an open-vocabulary detector.
+
+The detector is OWL-ViT (default `google/owlvit-base-patch32`) or OWLv2 from transformers; its text query
+is `query.format(object)` ("a photo of a {}"). OWL-ViT scores each of its boxes (one per image patch) with
+a logit; a box is a detection when sigmoid(logit) > threshold (as the processor's post-processing does).
+The soft count replaces the step by a sigmoid in logit space:
+
+    soft_count = sum over boxes of sigmoid((logit − logit(threshold)) / temperature)
+
+so it equals the hard count when every logit is a few temperatures away from the threshold. Logit
+space keeps the many background boxes (probabilities ~1e-3) from adding up to a spurious count.
+OWL-ViT is trained with one-to-one (Hungarian) matching, so an object mostly gets one confident box; no
+NMS is applied.
+
+Reward = −|soft_count − count| (objects off; 0 is best). The absolute error, unlike the squared one,
+keeps the gradient of a sample with many spurious boxes as large as that of a sample one object off,
+so one bad sample does not dominate the batch. The prompt metadata must give `object` (singular noun)
+and `count` (see the `counting` prompt sets).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from alignprop.rewards.loading import load_pretrained
+from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+
+TINY = "tiny"
+
+
+def soft_count(logits, threshold, temperature):
+    """Differentiable count of boxes with sigmoid(logit) > threshold: logits [B, boxes] -> [B]."""
+    threshold_logit = math.log(threshold / (1 - threshold))
+    return torch.sigmoid((logits - threshold_logit) / temperature).sum(-1)
+
+
+def hard_count(logits, threshold):
+    """Number of boxes with sigmoid(logit) > threshold: [B, boxes] -> [B] (no gradient)."""
+    return (torch.sigmoid(logits.detach().float()) > threshold).sum(-1).float()
+
+
+class SoftCounter(nn.Module):
+    """(images [B,3,H,W] in [0, 1], object names) -> box logits [B, boxes] of the query for each image. Frozen."""
+
+    def __init__(self, detector, tokenizer, mean=CLIP_MEAN, std=CLIP_STD, query="a photo of a {}", pad_to_square=False):
+        super().__init__()
+        self.detector = detector
+        self.tokenizer = tokenizer
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.query = query
+        # OWLv2's processor pads images to a square (bottom/right, zeros in [0, 1]) before resizing.
+        self.pad_to_square = pad_to_square
+        self.image_size = detector.config.vision_config.image_size
+        self.max_length = detector.config.text_config.max_position_embeddings
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, images, objects):
+        param = next(self.parameters())
+        images = images.to(param.dtype)
+        if self.pad_to_square:
+            h, w = images.shape[-2:]
+            images = nn.functional.pad(images, (0, max(h, w) - w, 0, max(h, w) - h))
+        # Detectors resize to a square whatever the aspect ratio (no crop: objects at the edges count).
+        pixels = clip_preprocess(images, self.image_size, self.mean, self.std, crop=False)
+        tokens = self.tokenizer(
+            [self.query.format(o) for o in objects],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(param.device)
+        # One query per image: input_ids [B, L] -> logits [B, boxes, 1].
+        out = self.detector(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        return out.logits[..., 0]
+
+
+DETECTORS = {"owlvit": "OwlViTForObjectDetection", "owlv2": "Owlv2ForObjectDetection"}
+
+
+def build_counter(cfg, seed=0):
+    """The counter of `config.reward.object_count`: `model` (hub id, local folder or 'tiny') + its processor."""
+    import transformers
+
+    if cfg.model == TINY:
+        from alignprop.tiny import build_tiny_owlvit, clip_tokenizer
+
+        return SoftCounter(build_tiny_owlvit(seed), clip_tokenizer(), query=cfg.query)
+
+    key = "config.reward.object_count.model"
+    model_config = load_pretrained(transformers.AutoConfig, cfg.model, key=key)
+    if model_config.model_type not in DETECTORS:
+        raise ValueError(
+            f"{key}={cfg.model!r} is a {model_config.model_type!r} model; object_count needs one of "
+            f"{', '.join(DETECTORS)} (e.g. 'google/owlvit-base-patch32', 'google/owlv2-base-patch16-ensemble')."
+        )
+    detector = load_pretrained(getattr(transformers, DETECTORS[model_config.model_type]), cfg.model, key=key)
+    processor = load_pretrained(
+        transformers.AutoProcessor, cfg.processor or cfg.model, key="config.reward.object_count.processor"
+    )
+    return SoftCounter(
+        detector,
+        processor.tokenizer,
+        mean=processor.image_processor.image_mean,
+        std=processor.image_processor.image_std,
+        query=cfg.query,
+        pad_to_square=model_config.model_type == "owlv2",
+    )
+
+
+def check_metadata(metadata, prompts, config):
+    """(objects, counts) from the metadata, or an error naming the prompt-set keys when they are missing."""
+    for prompt, meta in zip(prompts, metadata):
+        if "object" not in meta or "count" not in meta:
+            raise ValueError(
+                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} has "
+                f"metadata {meta!r}. Use config.prompt_fn='counting' (and config.eval_prompt_fn='eval_counting') "
+                f"or a JSON prompt file of {{'prompt': ..., 'object': ..., 'count': ...}} objects "
+                f"(now config.prompt_fn={config.prompt_fn!r}, config.eval_prompt_fn={config.eval_prompt_fn!r})."
+            )
+    return [m["object"] for m in metadata], [float(m["count"]) for m in metadata]
+
+
+def make(config, device, dtype):
+    cfg = config.reward.object_count
+    if "{}" not in cfg.query:
+        raise ValueError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
+    counter = build_counter(cfg, seed=config.seed).to(device, dtype=dtype)
+
+    def reward_fn(images, prompts, metadata):
+        objects, counts = check_metadata(metadata, prompts, config)
+        logits = counter(images, objects).float()
+        counts = torch.tensor(counts, device=logits.device)
+        soft = soft_count(logits, cfg.threshold, cfg.temperature)
+        hard = hard_count(logits, cfg.threshold)
+        info = {"soft_count": soft.detach(), "count_error": (hard - counts).abs(), "count_exact": (hard == counts).float()}
+        return -(soft - counts).abs(), info
+
+    return reward_fn

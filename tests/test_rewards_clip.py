@@ -1,0 +1,106 @@
+"""PickScore and CLIP score: tiny CLIPs saved with `save_pretrained`, loaded through the real path."""
+
+import huggingface_hub
+import pytest
+import torch
+from transformers import CLIPImageProcessor, CLIPProcessor
+
+from alignprop.rewards import clipscore
+from alignprop.rewards.loading import WeightsNotFoundError
+from alignprop.tiny import build_tiny_clip, clip_tokenizer
+from config.align_prop import base, tiny
+
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
+# Not CLIP's constants: the test shows they come from the saved processor.
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(model folder, processor folder, the model) in the on-disk format of the hub repos."""
+    model = build_tiny_clip(seed=3)
+    model_dir = tmp_path_factory.mktemp("pickscore_model")
+    model.save_pretrained(model_dir)
+    processor_dir = tmp_path_factory.mktemp("pickscore_processor")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD)
+    CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(processor_dir)
+    return str(model_dir), str(processor_dir), model
+
+
+def _images(n=2, size=48, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_transformers_returns_projected_embeddings_in_pooler_output(saved):
+    """Pins the transformers API the scorer relies on: `pooler_output` of get_*_features is the projection.
+
+    (transformers 5 returns a BaseModelOutputWithPooling; transformers 4 returned the tensor itself.)
+    """
+    _, _, model = saved
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = clip_tokenizer()(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = clipscore.projected_embeds(model.get_image_features(pixel_values=pixels))
+        text_embeds = clipscore.projected_embeds(
+            model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        )
+        expected_image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        expected_text = model.text_projection(
+            model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+        )
+    assert image_embeds.shape == text_embeds.shape == (2, model.config.projection_dim)
+    torch.testing.assert_close(image_embeds, expected_image)
+    torch.testing.assert_close(text_embeds, expected_text)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_loads_saved_folders_and_scores(saved, name):
+    model_dir, processor_dir, model = saved
+    cfg = base().reward[name]
+    cfg.model, cfg.processor = model_dir, processor_dir
+    scorer = clipscore.build_scorer(cfg, name, use_logit_scale=name == "pickscore")
+    assert scorer.mean == MEAN and scorer.std == STD
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(scorer.model.state_dict()[key], tensor, msg=key)
+    images = _images().requires_grad_()
+    scores = scorer(images, PROMPTS)
+    assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scorer.parameters())
+    with torch.no_grad():  # reference: normalized projections from the model's own forward
+        pixels = clipscore.clip_preprocess(images, 32, MEAN, STD)
+        tokens = clip_tokenizer()(PROMPTS, padding=True, return_tensors="pt")
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both L2-normalized by CLIPModel
+    expected = model.logit_scale.exp() * cosine if name == "pickscore" else cosine
+    torch.testing.assert_close(scores.detach(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_offline_error_names_repo_and_key(monkeypatch, tmp_path, name):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = base().reward[name]
+    with pytest.raises(WeightsNotFoundError) as e:
+        clipscore.build_scorer(cfg, name, use_logit_scale=False)
+    message = str(e.value)
+    assert repr(cfg.model) in message and f"config.reward.{name}.model" in message
+
+
+def test_missing_local_folder_is_a_clear_error(tmp_path):
+    cfg = base().reward.clipscore
+    cfg.model = str(tmp_path / "no_such_model")
+    with pytest.raises(WeightsNotFoundError, match=r"config.reward.clipscore.model="):
+        clipscore.build_scorer(cfg, "clipscore", use_logit_scale=False)
+
+
+def test_tiny_rewards_through_make():
+    config = tiny()
+    for make in (clipscore.make, clipscore.make_pickscore):
+        images = _images().requires_grad_()
+        rewards, info = make(config, torch.device("cpu"), torch.float32)(images, PROMPTS, [{}, {}])
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
+        rewards.sum().backward()
+        assert images.grad.abs().sum() > 0

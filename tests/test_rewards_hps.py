@@ -1,0 +1,118 @@
+"""HPSv2 / v2.1: a tiny open_clip model saved as the real `{'state_dict': ...}` checkpoint, loaded by the real path."""
+
+import json
+
+import huggingface_hub
+import open_clip
+import pytest
+import torch
+
+from alignprop.rewards import hps
+from alignprop.rewards.loading import WeightsNotFoundError
+from alignprop.tiny import TINY_OPEN_CLIP_CONFIG
+from config.align_prop import base, tiny
+
+TINY_ARCH = "alignprop-test-tiny-ViT"
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """(path of a tiny HPS-format checkpoint, the model it holds); the architecture is registered with open_clip."""
+    folder = tmp_path_factory.mktemp("open_clip_config")
+    with open(folder / f"{TINY_ARCH}.json", "w") as f:
+        json.dump(TINY_OPEN_CLIP_CONFIG, f)
+    open_clip.add_model_config(str(folder / f"{TINY_ARCH}.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_ARCH, pretrained=None, output_dict=True)
+    path = tmp_path_factory.mktemp("hps") / "HPS_v2_compressed.pt"
+    torch.save({"state_dict": model.state_dict()}, path)  # the format of xswu/HPSv2's files
+    return str(path), model
+
+
+def _cfg(**overrides):
+    cfg = base().reward.hps
+    cfg.update(overrides)
+    return cfg
+
+
+def _images(n=2, size=40, seed=0):
+    # 40x40 is not the tower's 32x32: the scorer resizes (and crops) through clip_preprocess.
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_checkpoint_loads_through_the_real_path(tiny_checkpoint):
+    path, saved = tiny_checkpoint
+    scorer = hps.build_scorer(_cfg(model=TINY_ARCH, path=path), "hps")
+    for name, tensor in saved.state_dict().items():
+        torch.testing.assert_close(scorer.model.state_dict()[name], tensor, msg=name)
+    assert scorer.image_size == 32
+
+
+def test_score_is_cosine_differentiable_shape_b(tiny_checkpoint):
+    path, saved = tiny_checkpoint
+    scorer = hps.build_scorer(_cfg(model=TINY_ARCH, path=path), "hps")
+    images = _images().requires_grad_()
+    scores = scorer(images, PROMPTS)
+    assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert (scores.abs() <= 1 + 1e-5).all()  # a cosine: no logit scale
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scorer.parameters())  # frozen
+    # The diagonal of normalized image·text features, computed the open_clip way.
+    with torch.no_grad():
+        tokenizer = open_clip.get_tokenizer(TINY_ARCH)
+        pixels = hps.clip_preprocess(images, 32, scorer.mean, scorer.std)
+        image_features = saved.encode_image(pixels, normalize=True)
+        text_features = saved.encode_text(tokenizer(PROMPTS), normalize=True)
+        expected = torch.diagonal(image_features @ text_features.T)
+    torch.testing.assert_close(scores.detach(), expected)
+
+
+def test_score_depends_on_the_prompt(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    scorer = hps.build_scorer(_cfg(model=TINY_ARCH, path=path), "hps")
+    images = _images(1).expand(2, -1, -1, -1)
+    scores = scorer(images, PROMPTS)
+    assert not torch.allclose(scores[0], scores[1])
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
+    path, saved = tiny_checkpoint
+    state = dict(saved.state_dict())
+    state.pop("text_projection")
+    bad = tmp_path / "bad.pt"
+    torch.save({"state_dict": state}, bad)
+    with pytest.raises(RuntimeError, match=r"(?s)does not fit the open_clip model.*text_projection"):
+        hps.build_scorer(_cfg(model=TINY_ARCH, path=str(bad)), "hps")
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        hps.build_scorer(_cfg(model=TINY_ARCH, path=str(tmp_path / "missing.pt")), "hps")
+
+
+def test_unknown_architecture_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"config.reward.hps.model='ViT-Q-99' is not an open_clip architecture"):
+        hps.build_scorer(_cfg(model="ViT-Q-99"), "hps")
+
+
+@pytest.mark.parametrize("name, file", [("hps", "HPS_v2_compressed.pt"), ("hps_v21", "HPS_v2.1_compressed.pt")])
+def test_offline_error_names_repo_file_and_key(monkeypatch, tmp_path, name, file):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    cfg = base().reward[name]  # ViT-H-14 from the hub: the download fails before the model is built
+    with pytest.raises(WeightsNotFoundError) as e:
+        hps.build_scorer(cfg, name)
+    message = str(e.value)
+    assert "'xswu/HPSv2'" in message and repr(file) in message and f"config.reward.{name}.path" in message
+
+
+def test_tiny_option_builds_offline_and_make_returns_float32():
+    config = tiny()
+    assert config.reward.hps.model == config.reward.hps_v21.model == "tiny"
+    for make in (hps.make_v2, hps.make_v21):
+        reward_fn = make(config, torch.device("cpu"), torch.float32)
+        images = _images().requires_grad_()
+        rewards, info = reward_fn(images, PROMPTS, [{}, {}])
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
+        rewards.sum().backward()
+        assert images.grad.abs().sum() > 0

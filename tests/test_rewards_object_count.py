@@ -1,0 +1,187 @@
+"""Object count: the soft count, a tiny OWL-ViT saved with `save_pretrained` and loaded by the real path."""
+
+import math
+
+import huggingface_hub
+import pytest
+import torch
+from transformers import OwlViTImageProcessor, OwlViTProcessor
+
+from alignprop.rewards import object_count
+from alignprop.rewards.loading import WeightsNotFoundError
+from alignprop.tiny import build_tiny_owlvit, clip_tokenizer
+from config.align_prop import base, tiny
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+METADATA = [{"object": "apple", "count": 3}, {"object": "teddy bear", "count": 1}]
+PROMPTS = ["three apples", "one teddy bear"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny OWL-ViT and its processor in the on-disk format of `google/owlvit-base-patch32`."""
+    model = build_tiny_owlvit(seed=1)
+    folder = tmp_path_factory.mktemp("owlvit")
+    model.save_pretrained(folder)
+    image_processor = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD)
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = model.config.text_config.max_position_embeddings  # 16, as OWL-ViT's
+    OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder), model
+
+
+def _cfg(**overrides):
+    cfg = base().reward.object_count
+    cfg.update(overrides)
+    return cfg
+
+
+def _images(n=2, size=40, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_soft_count_equals_hard_count_far_from_threshold():
+    threshold, temperature = 0.1, 0.25
+    t = math.log(threshold / (1 - threshold))
+    # 3 boxes well above the threshold, 500 background boxes well below (as a real detector's).
+    logits = torch.cat([t + torch.tensor([3.0, 5.0, 8.0]), torch.full((500,), -9.0)])[None]
+    torch.testing.assert_close(object_count.soft_count(logits, threshold, temperature), torch.tensor([3.0]), atol=1e-3, rtol=0)
+    assert object_count.hard_count(logits, threshold).item() == 3
+    # Near the threshold it is fractional and has a gradient.
+    near = torch.tensor([[t, t + 0.1]], requires_grad=True)
+    soft = object_count.soft_count(near, threshold, temperature)
+    assert 0.5 < soft.item() < 2
+    soft.backward()
+    assert (near.grad > 0).all()
+
+
+def test_loads_saved_folder_counts_and_is_differentiable(saved):
+    folder, model = saved
+    counter = object_count.build_counter(_cfg(model=folder))
+    assert counter.mean == MEAN and counter.std == STD and counter.image_size == 32
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(counter.detector.state_dict()[key], tensor, msg=key)
+    images = _images().requires_grad_()
+    logits = counter(images, ["apple", "teddy bear"])
+    assert logits.shape == (2, (32 // 8) ** 2)  # one box per patch
+    soft = object_count.soft_count(logits, 0.1, 0.25)
+    soft.sum().backward()
+    assert images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in counter.parameters())
+    # Reference: the detector's own forward on the same pixels and the processor's query tokens.
+    processor = OwlViTProcessor.from_pretrained(folder)
+    tokens = processor(text=["a photo of a apple", "a photo of a teddy bear"], return_tensors="pt")
+    with torch.no_grad():
+        pixels = object_count.clip_preprocess(images, 32, MEAN, STD, crop=False)
+        expected = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits[..., 0]
+    torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_soft_count_of_the_detector_equals_its_hard_count_when_decisive(saved, monkeypatch):
+    """Shift and scale the class head's logits so that every box is far from the threshold: soft = hard count."""
+    folder, _ = saved
+    counter = object_count.build_counter(_cfg(model=folder))
+    head = counter.detector.class_head
+    images = _images(4, seed=2)
+    objects = ["apple", "cup", "dog", "car"]
+    # logits = (similarity + shift) * (elu(scale) + 1): first the raw similarities (shift 0, scale 1) ...
+    with torch.no_grad():
+        for layer in (head.logit_shift, head.logit_scale):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        similarity = counter(images, objects).flatten().sort().values
+        # ... then cut them in the middle of their widest gap (some boxes in, some out) and spread them apart.
+        middle = similarity[len(similarity) // 4 : 3 * len(similarity) // 4]
+        gaps = middle[1:] - middle[:-1]
+        i = gaps.argmax()
+        cut, half_gap = (middle[i] + middle[i + 1]) / 2, gaps[i] / 2
+        head.logit_shift.bias.fill_(-cut.item())
+        head.logit_scale.bias.fill_(20 / half_gap.item())  # every logit >= 20 away from 0
+    config = tiny()
+    monkeypatch.setattr(object_count, "build_counter", lambda cfg, seed=0: counter)
+    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+    metadata = [{"object": o, "count": 2} for o in objects]
+    logits = counter(images, objects).float()
+    t = math.log(0.1 / 0.9)
+    assert ((logits - t).abs() > 10 * config.reward.object_count.temperature).all(), "premise: decisive boxes"
+    rewards, info = reward_fn(images, ["two things"] * 4, metadata)
+    hard = object_count.hard_count(logits, 0.1)
+    assert 0 < hard.sum() < logits.numel()  # some boxes in, some out: the test can tell
+    torch.testing.assert_close(info["soft_count"], hard, atol=1e-3, rtol=0)
+    torch.testing.assert_close(rewards, -(hard - 2).abs(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(info["count_error"], (hard - 2).abs())
+    torch.testing.assert_close(info["count_exact"], (hard == 2).float())
+
+
+def test_owlv2_folder_loads_and_pads_to_square(tmp_path):
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    owlvit_config = build_tiny_owlvit().config
+    torch.manual_seed(0)
+    model = Owlv2ForObjectDetection(
+        Owlv2Config(
+            text_config=owlvit_config.text_config.to_dict(),
+            vision_config=owlvit_config.vision_config.to_dict(),
+            projection_dim=owlvit_config.projection_dim,
+        )
+    )
+    model.save_pretrained(tmp_path)
+    tokenizer = clip_tokenizer()
+    tokenizer.model_max_length = 16
+    image_processor = Owlv2ImageProcessor(size={"height": 32, "width": 32})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path)
+    counter = object_count.build_counter(_cfg(model=str(tmp_path)))
+    assert isinstance(counter.detector, Owlv2ForObjectDetection) and counter.pad_to_square
+    images = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    logits = counter(images, ["apple", "cup"])
+    assert logits.shape == (2, 16)
+    object_count.soft_count(logits, 0.1, 0.25).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_tiny_reward_shape_info_and_gradient():
+    config = tiny()
+    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+    images = _images().requires_grad_()
+    rewards, info = reward_fn(images, PROMPTS, METADATA)
+    assert rewards.shape == (2,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
+    assert (rewards <= 0).all()
+    assert set(info) == {"soft_count", "count_error", "count_exact"}
+    assert all(v.shape == (2,) for v in info.values())
+    rewards.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_missing_metadata_names_prompt_fn():
+    config = tiny()  # simple_animals: no object/count metadata
+    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError) as e:
+        reward_fn(_images(), ["cat", "dog"], [{}, {}])
+    message = str(e.value)
+    assert "'object' and 'count'" in message and "config.prompt_fn='simple_animals'" in message
+    assert "'counting'" in message
+
+
+def test_query_without_placeholder_is_an_error():
+    config = tiny()
+    config.reward.object_count.query = "a photo"
+    with pytest.raises(ValueError, match=r"config.reward.object_count.query='a photo' must contain"):
+        object_count.make(config, torch.device("cpu"), torch.float32)
+
+
+def test_non_detector_model_is_a_clear_error(tmp_path):
+    from alignprop.tiny import build_tiny_clip
+
+    build_tiny_clip().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is a 'clip' model; object_count needs one of owlvit, owlv2"):
+        object_count.build_counter(_cfg(model=str(tmp_path)))
+
+
+def test_offline_error_names_repo_and_key(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError) as e:
+        object_count.build_counter(_cfg())
+    message = str(e.value)
+    assert "'google/owlvit-base-patch32'" in message and "config.reward.object_count.model" in message
