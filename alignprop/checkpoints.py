@@ -86,12 +86,16 @@ def resolve_resume(path):
     return found[-1]
 
 
+def checkpoint_path(run_dir, step):
+    return os.path.join(run_dir, f"checkpoint_{step}")
+
+
 def save_checkpoint(accelerator, run_dir, step, progress, limit):
     """Save state to `run_dir/checkpoint_{step}` atomically (temp folder, then rename); keep the newest `limit`.
 
     All processes must call it (accelerate's save_state gathers); only the main process writes files.
     """
-    final = os.path.join(run_dir, f"checkpoint_{step}")
+    final = checkpoint_path(run_dir, step)
     tmp = final + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)

@@ -75,7 +75,9 @@ def captions(prompts, rewards, width=24):
 
 
 def plot_rewards(records, path):
-    """PNG plot of reward mean ± std over optimizer steps."""
+    """PNG plot of reward mean ± std over optimizer steps (nothing to plot: no file)."""
+    if not records:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,3 +97,32 @@ def plot_rewards(records, path):
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def log_images(accelerator, tag, image, step):
+    """Send a PIL image to the active trackers (tensorboard, wandb); main process only."""
+    if image is None or not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.run.log({tag: wandb.Image(image)}, step=step)
+
+
+def flat_config(config):
+    """{'train.learning_rate': 0.001, ...}: scalars only, as tensorboard's hparams and wandb both accept."""
+    out = {}
+
+    def walk(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            else:
+                out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", json.loads(config.to_json_best_effort()))
+    return out

@@ -87,9 +87,9 @@ def reduce_info(accelerator, infos):
 def train_step(ctx):
     """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
 
-    A non-finite loss on any process skips the update (gradients dropped, nothing applied) and is
-    reported in the metrics; fp16 overflow in the gradients is left to the GradScaler, which skips
-    the step and lowers its scale.
+    A non-finite loss on any process, or non-finite gradients without a GradScaler, skips the update
+    (gradients dropped, nothing applied); `nonfinite` counts them. fp16 overflow in the gradients is left
+    to the GradScaler, which skips the step and lowers its scale (`skipped` = 1, `nonfinite` = 0).
     """
     accelerator = ctx.accelerator
     start = time.perf_counter()
@@ -107,7 +107,12 @@ def train_step(ctx):
                 nonfinite = accelerator.reduce(nonfinite, reduction="sum")
                 if nonfinite.item() == 0:
                     grad_norm = accelerator.clip_grad_norm_(ctx.params, ctx.train.max_grad_norm)
-                    ctx.optimizer.step()
+                    # The norm of the synced gradients: every rank takes the same decision. With fp16's
+                    # GradScaler an inf norm is its normal signal (it skips the step and lowers the scale).
+                    if torch.isfinite(grad_norm) or accelerator.scaler is not None:
+                        ctx.optimizer.step()
+                    else:
+                        nonfinite += 1
                 ctx.optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
         all_rewards.append(rewards)

@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--ks", default="1,10,50,uniform", help="comma-separated K values; 'uniform' = U[1, steps]")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--total-batch", type=int, default=None,
+                    help="samples per optimizer step over all processes (default: batch x processes)")
     ap.add_argument("--iters", type=int, default=3, help="timed steps per K (after one warm-up step)")
     ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "no"])
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, e.g. train.merged_lora=False")
@@ -131,12 +133,15 @@ def main():
         components = sd15_components()
         reward_fn = vit_l14_aesthetic(device, dtype)
     freeze_and_cast(components, device, dtype)
-    plan = make_batch_plan(args.batch, args.batch, args.batch, 1)
+    n = accelerator.num_processes
+    total = args.total_batch or args.batch * n
+    plan = make_batch_plan(total, total, args.batch, n)
     ctx, _ = make_context(config, accelerator, components, reward_fn, make_prompt_set("simple_animals"), plan)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {
         "label": args.label, "card": card, "precision": args.precision, "batch": args.batch, "steps": args.steps,
+        "processes": n, "accumulation": plan.accumulation_steps, "total_batch": total,
         "torch": torch.__version__, "overrides": args.set, "lora_params": sum(p.numel() for p in ctx.params), "k": {},
     }
     import diffusers, transformers, peft  # noqa: E401
@@ -161,14 +166,22 @@ def main():
             median = statistics.median(times)
             row = {
                 "s_per_step_median": median, "s_all": times, "peak_GiB": peak_gib(),
-                "images_per_s": args.batch / median, "finite": bool(torch.isfinite(torch.tensor(metrics["loss"]))),
+                "images_per_s": total / median, "finite": bool(torch.isfinite(torch.tensor(metrics["loss"]))),
             }
         except torch.cuda.OutOfMemoryError:
             row = {"error": "OOM"}
             ctx.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
         results["k"][k] = row
-        print(f"K={k}", json.dumps(row), flush=True)
+        if accelerator.is_main_process:
+            print(f"K={k}", json.dumps(row), flush=True)
+
+    # Gradient sync check: the LoRA weights must be bit-identical on every rank.
+    flat = torch.cat([p.detach().float().flatten() for p in ctx.params])
+    gathered = accelerator.gather(flat[None])
+    results["lora_identical_across_ranks"] = bool((gathered == gathered[0]).all())
+    if not accelerator.is_main_process:
+        return
 
     # One no-grad UNet forward on the CFG batch (merged LoRA as in the prefix) and its FLOPs.
     from torch.utils.flop_counter import FlopCounterMode

@@ -7,22 +7,25 @@
 import datetime
 import json
 import os
+import sys
 
 import torch
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
+from tqdm.auto import tqdm
 
 from alignprop import checkpoints, models, prompts, rewards
 from alignprop.evaluation import eval_items, evaluate
+from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
-from alignprop.tracking import RunFolder, captions, image_grid, plot_rewards
+from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
 from alignprop.training import make_context, train_step
 from alignprop.validation import ConfigError, check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
 
 
-def run_folder_path(config, accelerator):
+def run_folder_path(config):
     """Resumed runs continue in their own folder; new runs get `logdir/run_name` (timestamp by default)."""
     from accelerate.utils import broadcast_object_list
 
@@ -35,18 +38,21 @@ def run_folder_path(config, accelerator):
     return path[0], None
 
 
-def save_eval(run, accelerator, tag, images, eval_prompts, eval_rewards):
+def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards):
+    """Write `<name>.json` (rewards per prompt) and `images/<name>.png` (a captioned grid); returns the grid."""
     if not accelerator.is_main_process:
-        return
-    image_grid(images, captions(eval_prompts, eval_rewards)).save(run.image_path(f"eval_{tag}.png"))
+        return None
+    grid = image_grid(images, captions(eval_prompts, eval_rewards))
+    grid.save(run.image_path(f"{name}.png"))
     summary = {
-        "tag": tag,
+        "step": step,
         "reward_mean": eval_rewards.mean().item(),
         "reward_std": eval_rewards.std().item() if len(eval_rewards) > 1 else 0.0,
         "samples": [{"prompt": p, "reward": r} for p, r in zip(eval_prompts, eval_rewards.tolist())],
     }
-    with open(os.path.join(run.path, f"eval_{tag}.json"), "w") as f:
+    with open(os.path.join(run.path, f"{name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    return grid
 
 
 def main(_):
@@ -66,13 +72,13 @@ def main(_):
         config.train.batch_size_per_gpu,
         state.num_processes,
     )
+    run_dir, resume_checkpoint = run_folder_path(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=plan.accumulation_steps,
         log_with=None if config.log_with == "none" else config.log_with,
+        project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
     )
-    run_dir, resume_checkpoint = run_folder_path(config, accelerator)
-    accelerator.project_configuration = ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir)
     run = RunFolder(run_dir)
     if accelerator.is_main_process:
         run.create()
@@ -80,7 +86,9 @@ def main(_):
         logging.info("run folder: %s", run_dir)
         logging.info(plan.describe())
     if config.log_with != "none":
-        accelerator.init_trackers(config.project_name, config=config.to_dict())
+        # wandb honours WANDB_MODE=offline/disabled; its files go to the run folder unless WANDB_DIR is set.
+        os.environ.setdefault("WANDB_DIR", run_dir)
+        accelerator.init_trackers(config.project_name, config=flat_config(config))
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
 
@@ -95,55 +103,82 @@ def main(_):
     ctx, lora_config = make_context(config, accelerator, components, reward_fn, prompt_set, plan)
     spec, negative_prompt_embeds = ctx.spec, ctx.negative_prompt_embeds
 
-    step, first_epoch = 0, 0
+    step = 0
     if resume_checkpoint:
-        progress = checkpoints.load_checkpoint(accelerator, resume_checkpoint)
-        step, first_epoch = progress["step"], progress["epoch"]
-        logging.info("resumed from %s at step %d (epoch %d)", resume_checkpoint, step, first_epoch)
+        step = checkpoints.load_checkpoint(accelerator, resume_checkpoint)["step"]
+        logging.info("resumed from %s at optimizer step %d", resume_checkpoint, step)
 
-    def run_eval(tag):
+    def run_eval(name):
         items = eval_items(eval_set, config.sample.num_eval_samples)
         images, eval_prompts, eval_rewards = evaluate(
             components.unet, components, reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
             accelerator.device, negative_prompt_embeds, accelerator.autocast,
         )
-        save_eval(run, accelerator, tag, images, eval_prompts, eval_rewards)
+        grid = save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards)
         accelerator.log({"eval/reward_mean": eval_rewards.mean().item()}, step=step)
-        return eval_rewards
+        log_images(accelerator, "eval/images", grid, step)
+
+    if config.num_epochs == 0:  # evaluation only: the checkpoint in resume_from, or the base model
+        run_eval("eval")
+        accelerator.end_training()
+        return
+
+    def save(step):
+        epoch = step // plan.steps_per_epoch
+        return checkpoints.save_checkpoint(
+            accelerator, run_dir, step, {"step": step, "epoch": epoch}, config.num_checkpoint_limit
+        )
 
     if step == 0:
-        run_eval("initial")  # the base model (LoRA B = 0): what training is compared against
+        run_eval("eval_initial")  # the base model (LoRA B = 0): what training is compared against
     total_steps = config.num_epochs * plan.steps_per_epoch
-    from tqdm.auto import tqdm
-
+    stop = StopRequest()
+    nonfinite_streak = 0
     bar = tqdm(total=total_steps, initial=step, desc="optimizer steps", disable=not accelerator.is_main_process)
-    for epoch in range(first_epoch, config.num_epochs):
-        for _ in range(plan.steps_per_epoch):
-            metrics = train_step(ctx)
-            step += 1
-            metrics_prompts = metrics.pop("prompts")
-            record = {"step": step, "epoch": epoch, **metrics}
-            if metrics["nonfinite"]:
-                logging.warning("step %d: non-finite loss, update skipped; prompts: %s", step, metrics_prompts)
-            if accelerator.is_main_process:
-                run.log(record)
-            accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", K=f"{metrics['k_mean']:.1f}")
-        if (epoch + 1) % config.save_freq == 0 or epoch + 1 == config.num_epochs:
-            checkpoints.save_checkpoint(
-                accelerator, run_dir, step, {"step": step, "epoch": epoch + 1}, config.num_checkpoint_limit
-            )
-        if config.eval_freq and (epoch + 1) % config.eval_freq == 0 and epoch + 1 < config.num_epochs:
-            run_eval(f"step{step}")
-    bar.close()
+    while step < total_steps:
+        metrics = train_step(ctx)
+        step += 1
+        step_prompts = metrics.pop("prompts")
+        record = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **metrics}
+        if accelerator.is_main_process:
+            run.log(record)
+        accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}", K=f"{metrics['k_mean']:.1f}")
 
-    run_eval("final")
+        nonfinite_streak = nonfinite_streak + 1 if metrics["nonfinite"] else 0
+        if metrics["nonfinite"]:
+            logging.warning("step %d: non-finite loss or gradients, update skipped; prompts: %s", step, step_prompts)
+        if nonfinite_streak >= config.train.max_nonfinite_steps:
+            # Skipped steps change no weights: the state saved now is the last good one.
+            path = save(step)
+            raise SystemExit(
+                f"Stopped: {nonfinite_streak} consecutive optimizer steps with a non-finite loss or gradients "
+                f"(config.train.max_nonfinite_steps={config.train.max_nonfinite_steps}). The last good state is "
+                f"in {path}. Lower the learning rate, use bf16 instead of fp16, or check the reward."
+            )
+        saved = False
+        if step % plan.steps_per_epoch == 0:
+            epoch = step // plan.steps_per_epoch
+            if epoch % config.save_freq == 0 or step == total_steps:
+                save(step)
+                saved = True
+            if config.eval_freq and epoch % config.eval_freq == 0 and step < total_steps:
+                run_eval(f"eval_step{step}")
+        if stop.requested(accelerator):
+            path = checkpoints.checkpoint_path(run_dir, step) if saved else save(step)
+            bar.close()
+            logging.warning("interrupted at step %d; state saved in %s; resume with --config.resume_from=%s",
+                            step, path, run_dir)
+            accelerator.end_training()
+            sys.exit(stop.exit_code())
+    bar.close()
+    stop.restore()
+
+    run_eval("eval_final")
     if accelerator.is_main_process:
         checkpoints.save_lora(components.unet, lora_config, run_dir)
-        records = run.read_metrics()
-        if records:
-            plot_rewards(records, run.image_path("reward.png"))
+        plot_rewards(run.read_metrics(), run.image_path("reward.png"))
         logging.info("done: %d optimizer steps; run folder %s", step, run_dir)
     accelerator.end_training()
 
