@@ -1,11 +1,28 @@
-"""Soup evaluation: one reward column per component of `config.reward_fn`, the coefficient table and its plot."""
+"""Soup evaluation: LoRA A mixed with LoRA B or the base model over coefficients, reward columns, table and plot."""
 
 import math
 
+from alignprop import mixing
 from alignprop.rewards import parse_reward_spec
 
 # Column of a weighted sum's total (the components follow it, under their reward names).
 TOTAL = "total"
+
+
+def load_soup(unet, files):
+    """Load LoRA A (and B) into the UNet as adapters `lora_a` (`lora_b`); returns the adapter names."""
+    names = list(mixing.SOUP_ADAPTERS[: len(files)])
+    for name, file in zip(names, files):
+        mixing.load_lora(unet, file, name)
+    return names
+
+
+def evaluate_soup(unet, names, coefficients, evaluate_fn):
+    """Yield (coefficient, adapter weights, *evaluate_fn()) per coefficient: c·ΔW_A + (1 − c)·ΔW_B (or base)."""
+    for c in coefficients:
+        weights = mixing.soup_weights(c, two_loras=len(names) == 2)
+        mixing.set_mix(unet, names, weights)
+        yield (c, dict(zip(names, weights)), *evaluate_fn())
 
 
 def reward_columns(spec):

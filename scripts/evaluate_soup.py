@@ -75,10 +75,8 @@ def main(_):
     components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
     models.check_resolution(components, config.sample.height, config.sample.width)
     models.freeze_and_cast(components, accelerator.device, dtype)
-    names = list(mixing.SOUP_ADAPTERS[: len(files)])
-    for name, file in zip(names, files):
-        mixing.load_lora(components.unet, file, name)
-        logging.info("%s: %s", name, file)
+    names = soup.load_soup(components.unet, files)
+    logging.info("LoRAs: %s", dict(zip(names, files)))
     reward_fn = soup.columns_reward_fn(rewards.make_reward_fn(config, accelerator.device, dtype), columns)
     items = eval_items(prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn"), config.sample.num_eval_samples)
     # The evaluation settings of training (scripts/train.py), so c = 1 without --lora_b matches its eval_final.
@@ -92,18 +90,20 @@ def main(_):
     )
     negative_prompt_embeds = models.encode_prompts(components.text_encoder, components.tokenizer, [""])
 
-    rows = []
-    for c in coefficients:
-        weights = mixing.soup_weights(c, two_loras=len(files) == 2)
-        mixing.set_mix(components.unet, names, weights)
-        images, eval_prompts, eval_rewards = evaluate(
+    def run_eval():
+        return evaluate(
             components.unet, components, reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
             accelerator.device, negative_prompt_embeds, accelerator.autocast,
         )
+
+    rows = []
+    for c, weights, images, eval_prompts, eval_rewards in soup.evaluate_soup(
+        components.unet, names, coefficients, run_eval
+    ):
         grid = f"grid_c{c:g}.png"
         image_grid(images, captions(eval_prompts, eval_rewards[:, 0])).save(os.path.join(out, grid))
         summary = soup.summarize(eval_rewards, columns)
-        rows.append({"coefficient": c, "adapter_weights": dict(zip(names, weights)), "rewards": summary, "grid": grid})
+        rows.append({"coefficient": c, "adapter_weights": weights, "rewards": summary, "grid": grid})
         logging.info("c=%g: %s", c, ", ".join(f"{k} {v['mean']:.4g} ± {v['std']:.3g}" for k, v in summary.items()))
 
     result = {

@@ -1,5 +1,7 @@
 """Soup helpers: reward columns of a spec, [B, R] rewards from a weighted sum, the summary, coefficient parsing."""
 
+import copy
+
 import pytest
 import torch
 
@@ -36,3 +38,50 @@ def test_parse_coefficients():
     for bad in (["0", "half"], ["inf"], []):
         with pytest.raises(ValueError, match="--coefficients"):
             soup.parse_coefficients(bad)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two OpenMP threads on the shared 2-core machine run ~10x slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_soup_with_the_base_model_goes_from_base_to_lora(components, tmp_path, one_thread):
+    """Without LoRA B: c = 0 evaluates as the base model, c = 1 as the LoRA loaded by the training loader."""
+    import contextlib
+
+    from alignprop import checkpoints, models
+    from alignprop.evaluation import evaluate
+    from alignprop.prompts import EVAL_SIMPLE_ANIMALS
+    from alignprop.sampling import SamplingSpec
+    from conftest import randomize_lora
+
+    def brightness(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    items = [(p, {}) for p in EVAL_SIMPLE_ANIMALS[:2]]
+    spec = SamplingSpec(num_steps=4, guidance_scale=7.5, eta=0.0)
+    negative = models.encode_prompts(components.text_encoder, components.tokenizer, [""])
+
+    def run_eval(unet, comps):
+        return evaluate(unet, comps, brightness, items, spec, 0, 2, torch.device("cpu"), negative, contextlib.nullcontext)
+
+    trained = models.Components(**{**vars(components), "unet": copy.deepcopy(components.unet)})
+    lora_config = models.add_lora(trained.unet, rank=4, alpha=8.0)
+    randomize_lora(trained.unet, seed=3, scale=0.2)
+    checkpoints.save_lora(trained.unet, lora_config, str(tmp_path))
+    with_lora = run_eval(trained.unet, trained)[2]
+    base = run_eval(components.unet, components)[2]
+
+    names = soup.load_soup(components.unet, [str(tmp_path / checkpoints.LORA_WEIGHTS)])
+    assert names == ["lora_a"]
+    results = {c: (w, r) for c, w, _, _, r in soup.evaluate_soup(components.unet, names, [0.0, 1.0, 0.5],
+                                                                   lambda: run_eval(components.unet, components))}
+    assert results[0.0][0] == {"lora_a": 0.0} and results[0.5][0] == {"lora_a": 0.5}
+    assert torch.equal(results[0.0][1], base)
+    torch.testing.assert_close(results[1.0][1], with_lora, atol=1e-6, rtol=1e-5)
+    assert (with_lora - base).abs().max() > 1e-4
+    middle = results[0.5][1]
+    assert (middle - base).abs().max() > 1e-5 and (middle - with_lora).abs().max() > 1e-5
