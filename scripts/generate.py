@@ -116,7 +116,7 @@ def main(_):
         logging.info("%d images in %s", len(records), FLAGS.out)
     if FLAGS.fuse:
         generation.export_fused(pipe, FLAGS.fuse)
-        logging.info("pipeline with the LoRAs merged: %s", FLAGS.fuse)
+        logging.info("diffusers pipeline folder (%d LoRAs merged): %s", len(loras), FLAGS.fuse)
 
 
 if __name__ == "__main__":
