@@ -60,6 +60,21 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=TINY_CLIP_MAX_LENGTH)
 
 
+def tiny_clip_text_config(max_positions=TINY_CLIP_MAX_LENGTH, pad_token_id=49407):
+    """A tiny CLIP text tower over the real 49408-token vocabulary (SD text encoder, reward text towers)."""
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=TINY_TEXT_HIDDEN,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=pad_token_id,
+    )
+
+
 def tiny_unet_config():
     return dict(
         sample_size=16,
@@ -96,17 +111,7 @@ def build_tiny_components(seed=0):
     )
     torch.manual_seed(seed + 2)
     text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=TINY_TEXT_HIDDEN,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=TINY_CLIP_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
+        CLIPTextConfig(**tiny_clip_text_config())
     )
     # The SD 1.5 scheduler config (not DDIMScheduler() defaults, which are wrong for SD).
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
@@ -131,17 +136,7 @@ def tiny_clip_vision_config():
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=TINY_CLIP_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        ),
+        text_config=tiny_clip_text_config(),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
@@ -186,17 +181,7 @@ def tiny_owlvit_config():
     from transformers import OwlViTConfig
 
     return OwlViTConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=16,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=0,
-        ),
+        text_config=tiny_clip_text_config(max_positions=16, pad_token_id=0),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,

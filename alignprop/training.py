@@ -137,6 +137,20 @@ def train_step(ctx):
     }
 
 
+def sampling_spec(config):
+    """The rollout settings of a config (shared by training, evaluation and the soup evaluation)."""
+    return SamplingSpec(
+        num_steps=config.sample.num_steps,
+        guidance_scale=config.sample.guidance_scale,
+        eta=config.sample.eta,
+        height=config.sample.height,
+        width=config.sample.width,
+        checkpoint_grad_steps=config.train.gradient_checkpointing,
+        decode_batch_size=config.train.decode_batch_size,
+        checkpoint_decode=config.train.checkpoint_decode,
+    )
+
+
 def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
     """Add LoRA to the (frozen, cast) UNet, build the optimizer, prepare for (multi-)GPU, seed the streams.
 
@@ -155,16 +169,7 @@ def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
     streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
     register_hooks(accelerator, components.unet, lora_config)
     accelerator.register_for_checkpointing(streams)
-    spec = SamplingSpec(
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        height=config.sample.height,
-        width=config.sample.width,
-        checkpoint_grad_steps=config.train.gradient_checkpointing,
-        decode_batch_size=config.train.decode_batch_size,
-        checkpoint_decode=config.train.checkpoint_decode,
-    )
+    spec = sampling_spec(config)
     ctx = TrainContext(
         accelerator=accelerator,
         unet=unet,

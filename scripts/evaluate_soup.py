@@ -58,7 +58,7 @@ def main(_):
 
     from alignprop import models, prompts, rewards
     from alignprop.evaluation import eval_items, evaluate
-    from alignprop.sampling import SamplingSpec
+    from alignprop.training import sampling_spec
     from alignprop.tracking import captions, image_grid
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
@@ -80,14 +80,7 @@ def main(_):
     reward_fn = soup.columns_reward_fn(rewards.make_reward_fn(config, accelerator.device, dtype), columns)
     items = eval_items(prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn"), config.sample.num_eval_samples)
     # The evaluation settings of training (scripts/train.py), so c = 1 without --lora_b matches its eval_final.
-    spec = SamplingSpec(
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        height=config.sample.height,
-        width=config.sample.width,
-        decode_batch_size=config.train.decode_batch_size,
-    )
+    spec = sampling_spec(config)
     negative_prompt_embeds = models.encode_prompts(components.text_encoder, components.tokenizer, [""])
 
     def run_eval():

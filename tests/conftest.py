@@ -17,6 +17,15 @@ def _seed_and_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run 10x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def components():
     from alignprop.models import Components, freeze_and_cast
     from alignprop.tiny import build_tiny_components

@@ -19,12 +19,7 @@ COLUMNS = ["total", "aesthetic", "compressibility"]
 COEFFICIENTS = [0.0, 0.5, 1.0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config():

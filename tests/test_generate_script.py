@@ -16,14 +16,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as the in-process side below: bitwise-c
 SETTINGS = ["--seed=5", "--num_steps=3", "--guidance_scale=7.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,7 @@ from alignprop import checkpoints, generation, mixing, models
 from alignprop.tiny import build_tiny_components
 from conftest import randomize_lora
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run 10x slower, not faster."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROMPTS = ["a photo of a cat", "an owl", "three apples"]

@@ -11,15 +11,7 @@ from alignprop import checkpoints, mixing, models
 from alignprop.tiny import tiny_unet_config
 from conftest import randomize_lora
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads can run 10x slower, not faster."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # alpha != rank: a loader that ignored the saved metadata would get the scale wrong.

@@ -40,14 +40,6 @@ def test_parse_coefficients():
             soup.parse_coefficients(bad)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on the shared 2-core machine run ~10x slower
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_soup_with_the_base_model_goes_from_base_to_lora(components, tmp_path, one_thread):
     """Without LoRA B: c = 0 evaluates as the base model, c = 1 as the LoRA loaded by the training loader."""
     import contextlib
