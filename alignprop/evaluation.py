@@ -3,6 +3,7 @@
 import torch
 
 from alignprop.models import encode_prompts, latent_shape
+from alignprop.rewards import parse_reward_spec
 from alignprop.rng import eval_generator
 from alignprop.sampling import initial_latents, sample_images
 
@@ -37,3 +38,40 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
         rewards.append(batch_rewards.float().cpu())
         prompts.extend(batch_prompts)
     return torch.cat(images), prompts, torch.cat(rewards)
+
+
+# Column of a weighted sum's total (the components follow it, under their reward names).
+TOTAL = "total"
+
+
+def reward_columns(spec):
+    """`"aesthetic"` -> ["aesthetic"]; `"aesthetic:1,hps:20"` -> ["total", "aesthetic", "hps"]."""
+    names = [name for name, _ in parse_reward_spec(spec)]
+    # make_reward_fn returns a plain reward for a lone name, and a weighted sum (with components in info) otherwise.
+    return names if len(names) == 1 and ":" not in spec else [TOTAL, *names]
+
+
+def columns_reward_fn(reward_fn, columns):
+    """A reward_fn whose rewards are [B, R], one column per entry of `columns` (what `evaluate` passes through).
+
+    The components come from the weighted sum's info (each component's reward under its name), so every
+    scorer runs once per batch.
+    """
+
+    def fn(images, prompts, metadata):
+        rewards, info = reward_fn(images, prompts, metadata)
+        if columns[0] != TOTAL:
+            return rewards[:, None], info
+        return torch.stack([rewards, *(info[name] for name in columns[1:])], dim=1), info
+
+    return fn
+
+
+def summarize(rewards, columns):
+    """[N, R] rewards -> {column: {"mean", "std"}} (std 0 for a single sample)."""
+    out = {}
+    for j, name in enumerate(columns):
+        values = rewards[:, j].double()
+        std = values.std().item() if len(values) > 1 else 0.0
+        out[name] = {"mean": values.mean().item(), "std": std}
+    return out

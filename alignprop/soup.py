@@ -3,11 +3,6 @@
 import math
 
 from alignprop import mixing
-from alignprop.rewards import parse_reward_spec
-
-# Column of a weighted sum's total (the components follow it, under their reward names).
-TOTAL = "total"
-
 
 def load_soup(unet, files):
     """Load LoRA A (and B) into the UNet as adapters `lora_a` (`lora_b`); returns the adapter names."""
@@ -23,41 +18,6 @@ def evaluate_soup(unet, names, coefficients, evaluate_fn):
         weights = mixing.soup_weights(c, two_loras=len(names) == 2)
         mixing.set_mix(unet, names, weights)
         yield (c, dict(zip(names, weights)), *evaluate_fn())
-
-
-def reward_columns(spec):
-    """`"aesthetic"` -> ["aesthetic"]; `"aesthetic:1,hps:20"` -> ["total", "aesthetic", "hps"]."""
-    names = [name for name, _ in parse_reward_spec(spec)]
-    # make_reward_fn returns a plain reward for a lone name, and a weighted sum (with components in info) otherwise.
-    return names if len(names) == 1 and ":" not in spec else [TOTAL, *names]
-
-
-def columns_reward_fn(reward_fn, columns):
-    """A reward_fn whose rewards are [B, R], one column per entry of `columns` (what `evaluate` passes through).
-
-    The components come from the weighted sum's info (each component's reward under its name), so every
-    scorer runs once per batch.
-    """
-
-    import torch
-
-    def fn(images, prompts, metadata):
-        rewards, info = reward_fn(images, prompts, metadata)
-        if columns[0] != TOTAL:
-            return rewards[:, None], info
-        return torch.stack([rewards, *(info[name] for name in columns[1:])], dim=1), info
-
-    return fn
-
-
-def summarize(rewards, columns):
-    """[N, R] rewards -> {column: {"mean", "std"}} (std 0 for a single sample)."""
-    out = {}
-    for j, name in enumerate(columns):
-        values = rewards[:, j].double()
-        std = values.std().item() if len(values) > 1 else 0.0
-        out[name] = {"mean": values.mean().item(), "std": std}
-    return out
 
 
 def parse_coefficients(texts):

@@ -25,7 +25,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alignprop import mixing, soup
+from alignprop import evaluation, mixing, soup
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:evaluate", "Experiment config.")
 flags.DEFINE_string("lora_a", None, "LoRA A: run folder, checkpoint_N folder or .safetensors file.", required=True)
@@ -49,7 +49,7 @@ def main(_):
 
     try:
         validate(config, num_processes=1)
-        columns = soup.reward_columns(config.reward_fn)
+        columns = evaluation.reward_columns(config.reward_fn)
     except ValueError as e:  # ConfigError, RewardSpecError
         raise SystemExit(str(e)) from None
 
@@ -77,7 +77,7 @@ def main(_):
     models.freeze_and_cast(components, accelerator.device, dtype)
     names = soup.load_soup(components.unet, files)
     logging.info("LoRAs: %s", dict(zip(names, files)))
-    reward_fn = soup.columns_reward_fn(rewards.make_reward_fn(config, accelerator.device, dtype), columns)
+    reward_fn = evaluation.columns_reward_fn(rewards.make_reward_fn(config, accelerator.device, dtype), columns)
     items = eval_items(prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn"), config.sample.num_eval_samples)
     # The evaluation settings of training (scripts/train.py), so c = 1 without --lora_b matches its eval_final.
     spec = sampling_spec(config)
@@ -95,7 +95,7 @@ def main(_):
     ):
         grid = f"grid_c{c:g}.png"
         image_grid(images, captions(eval_prompts, eval_rewards[:, 0])).save(os.path.join(out, grid))
-        summary = soup.summarize(eval_rewards, columns)
+        summary = evaluation.summarize(eval_rewards, columns)
         rows.append({"coefficient": c, "adapter_weights": weights, "rewards": summary, "grid": grid})
         logging.info("c=%g: %s", c, ", ".join(f"{k} {v['mean']:.4g} ± {v['std']:.3g}" for k, v in summary.items()))
 

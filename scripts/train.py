@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from alignprop import checkpoints, models, prompts, rewards
-from alignprop.evaluation import eval_items, evaluate
+from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward_columns, summarize
 from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
@@ -38,7 +38,7 @@ def run_folder_path(config):
     return path[0], None
 
 
-def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards):
+def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards, per_reward):
     """Write `<name>.json` (rewards per prompt) and `images/<name>.png` (a captioned grid); returns the grid."""
     if not accelerator.is_main_process:
         return None
@@ -48,6 +48,7 @@ def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards):
         "step": step,
         "reward_mean": eval_rewards.mean().item(),
         "reward_std": eval_rewards.std().item() if len(eval_rewards) > 1 else 0.0,
+        "per_reward": per_reward,
         "samples": [{"prompt": p, "reward": r} for p, r in zip(eval_prompts, eval_rewards.tolist())],
     }
     with open(os.path.join(run.path, f"{name}.json"), "w") as f:
@@ -108,14 +109,18 @@ def main(_):
         step = checkpoints.load_checkpoint(accelerator, resume_checkpoint)["step"]
         logging.info("resumed from %s at optimizer step %d", resume_checkpoint, step)
 
+    columns = reward_columns(config.reward_fn)
+    eval_reward_fn = columns_reward_fn(reward_fn, columns)  # [N, R]: the reward, then each component of a sum
+
     def run_eval(name):
         items = eval_items(eval_set, config.sample.num_eval_samples)
         images, eval_prompts, eval_rewards = evaluate(
-            components.unet, components, reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
+            components.unet, components, eval_reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
             accelerator.device, negative_prompt_embeds, accelerator.autocast,
         )
-        grid = save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards)
-        accelerator.log({"eval/reward_mean": eval_rewards.mean().item()}, step=step)
+        per_reward = summarize(eval_rewards, columns)
+        grid = save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards[:, 0], per_reward)
+        accelerator.log({f"eval/{k}_mean": v["mean"] for k, v in per_reward.items()}, step=step)
         log_images(accelerator, "eval/images", grid, step)
 
     if config.num_epochs == 0:  # evaluation only: the checkpoint in resume_from, or the base model

@@ -37,6 +37,7 @@ def test_run_folder_contents(tiny_run):
             assert im.size[0] > 100 and im.size[1] > 100
     final = json.load(open(os.path.join(run_dir, "eval_final.json")))
     assert len(final["samples"]) == 4 and final["samples"][0]["prompt"] == "cheetah"
+    assert final["per_reward"]["aesthetic"]["mean"] == pytest.approx(final["reward_mean"])
     # Checkpoints every 2 epochs, complete (with progress.json) and no leftover temporary folder.
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("checkpoint")) == ["checkpoint_4", "checkpoint_8"]
     for ckpt in ("checkpoint_4", "checkpoint_8"):
