@@ -5,13 +5,15 @@ import os
 
 import torch
 
+from alignprop.errors import UserError
+
 TINY = "tiny"
 
 # The paper's LoRA targets: the attention projections of every attention block.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """Weights could not be found or read; the message says what was looked for and how to fix it."""
 
 

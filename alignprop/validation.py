@@ -4,14 +4,11 @@ import importlib.util
 import os
 
 from alignprop import prompts, rewards, truncation
+from alignprop.errors import ConfigError
 from alignprop.plan import BatchPlanError, make_batch_plan
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOG_WITH = ("none", "wandb", "tensorboard")
-
-
-class ConfigError(ValueError):
-    """One or more config values are wrong; the message names each key, its value and what is valid."""
 
 
 def _problems(config, num_processes):

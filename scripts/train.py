@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alignprop import checkpoints, models, prompts, rewards
+from alignprop.errors import UserError
 from alignprop.evaluation import eval_items, evaluate
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, image_grid, plot_rewards
@@ -86,12 +87,15 @@ def main(_):
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
     dtype = models.inference_dtype(config.mixed_precision)
-    components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
-    models.check_resolution(components, config.sample.height, config.sample.width)
-    models.freeze_and_cast(components, accelerator.device, dtype)
-    reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
-    prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
-    eval_set = prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn")
+    try:
+        components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
+        models.check_resolution(components, config.sample.height, config.sample.width)
+        models.freeze_and_cast(components, accelerator.device, dtype)
+        reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
+        prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
+        eval_set = prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn")
+    except UserError as e:  # missing or broken weights, a prompt file: the message says what to fix
+        raise SystemExit(str(e)) from None
     ctx, lora_config = make_context(config, accelerator, components, reward_fn, prompt_set, plan)
     spec, negative_prompt_embeds = ctx.spec, ctx.negative_prompt_embeds
 

@@ -13,6 +13,8 @@ A sum logs each component's reward under its name and the component's own info k
 import importlib
 import math
 
+from alignprop.errors import UserError
+
 # name -> "module:factory"; modules are imported only when their reward is used (heavy imports).
 REWARDS = {
     "aesthetic": "alignprop.rewards.aesthetic:make",
@@ -31,7 +33,7 @@ REQUIRED_METADATA = {
 }
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError, ValueError):
     """`config.reward_fn` is not a reward name or a valid weighted sum of rewards."""
 
 

@@ -2,9 +2,11 @@
 
 import os
 
+from alignprop.errors import UserError
 
-class WeightsNotFoundError(RuntimeError):
-    pass
+
+class WeightsNotFoundError(UserError, RuntimeError):
+    """Weights are not on this machine and cannot be downloaded; the message names the key to point at a local copy."""
 
 
 def hub_file(repo_id, filename, key):
