@@ -13,3 +13,17 @@ class UserError(Exception):
 class ConfigError(UserError, ValueError):
     """One or more config values are wrong; the message names each key, its value and what is valid."""
 
+
+def offline_hint(key):
+    """What to do when weights named by config `key` are neither local nor downloadable."""
+    return (
+        f"Check the name for typos. If this machine is offline (HF_HUB_OFFLINE=1, or no network), download the "
+        f"weights elsewhere (e.g. `huggingface-cli download <id>`) and either copy the hub cache (HF_HOME) here "
+        f"or point `{key}` at a local copy."
+    )
+
+
+def library_message(error):
+    """`Type: message` of a library's exception, without its pointers to a traceback the user is not shown."""
+    text = str(error).replace("Please check out the root cause in the stacktrace above.", "").strip()
+    return f"{type(error).__name__}: {text}"

@@ -23,6 +23,7 @@ import math
 import torch
 from torch import nn
 
+from alignprop.errors import ConfigError
 from alignprop.rewards.loading import load_pretrained
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
@@ -91,7 +92,7 @@ def build_counter(cfg, seed=0):
     key = "config.reward.object_count.model"
     model_config = load_pretrained(transformers.AutoConfig, cfg.model, key=key)
     if model_config.model_type not in DETECTORS:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={cfg.model!r} is a {model_config.model_type!r} model; object_count needs one of "
             f"{', '.join(DETECTORS)} (e.g. 'google/owlvit-base-patch32', 'google/owlv2-base-patch16-ensemble')."
         )
@@ -125,7 +126,7 @@ def check_metadata(metadata, prompts, config):
 def make(config, device, dtype):
     cfg = config.reward.object_count
     if "{}" not in cfg.query:
-        raise ValueError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
+        raise ConfigError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
     counter = build_counter(cfg, seed=config.seed).to(device, dtype=dtype)
 
     def reward_fn(images, prompts, metadata):
