@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from alignprop.errors import UserError, library_message, offline_hint
+from alignprop.errors import ConfigError, UserError, library_message, offline_hint
 
 TINY = "tiny"
 
@@ -199,4 +199,8 @@ def check_resolution(components, height, width):
     factor = vae_scale_factor(components.vae)
     for key, value in (("sample.height", height), ("sample.width", width)):
         if value is not None and value % factor:
-            raise ValueError(f"config.{key}={value} is not a multiple of the VAE factor {factor}.")
+            lower = max(factor, value // factor * factor)
+            raise ConfigError(
+                f"config.{key}={value} is not a multiple of this VAE's downsampling factor {factor}; "
+                f"use e.g. {lower} or {lower + factor}."
+            )

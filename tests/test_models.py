@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from alignprop import models
+from alignprop.errors import ConfigError
 from alignprop.tiny import build_tiny_components, clip_tokenizer
 
 
@@ -134,3 +135,11 @@ def test_local_folder_with_a_truncated_weight_file(tmp_path):
     message = str(e.value)
     assert f"config.pretrained.model='{tmp_path}'" in message and "a local folder" in message
     assert "unet/diffusion_pytorch_model.safetensors" in message and "re-download or re-save it" in message
+
+
+def test_resolution_error_says_what_would_fit():
+    comps = models.Components(**build_tiny_components(seed=0))
+    factor = models.vae_scale_factor(comps.vae)
+    with pytest.raises(ConfigError, match=rf"config.sample.width={4 * factor + 1} is not a multiple .* {factor}; "
+                                          rf"use e.g. {4 * factor} or {5 * factor}"):
+        models.check_resolution(comps, None, 4 * factor + 1)
