@@ -1,11 +1,15 @@
 """Loading Stable Diffusion components (real checkpoint or tiny random), freezing them and adding LoRA."""
 
 import dataclasses
+import logging
 import os
+import weakref
 
 import torch
 
 from alignprop.errors import ConfigError, UserError, library_message, offline_hint
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 
@@ -181,10 +185,13 @@ def vae_scale_factor(vae):
 def encode_prompts(text_encoder, tokenizer, prompts):
     """Prompt strings -> CLIP text embeddings [B, 77, D] (no gradients: the text encoder is frozen).
 
-    Prompts longer than the tokenizer's limit are truncated, as diffusers' pipelines do.
+    Prompts longer than the tokenizer's limit are truncated, as diffusers' pipelines do; the first
+    truncation of a run is logged (see `_report_truncation`).
     """
+    prompts = list(prompts)
+    _report_truncation(tokenizer, prompts)
     ids = tokenizer(
-        list(prompts),
+        prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -192,6 +199,31 @@ def encode_prompts(text_encoder, tokenizer, prompts):
     ).input_ids.to(text_encoder.device)
     with torch.no_grad():
         return text_encoder(ids, return_dict=False)[0]
+
+
+# Tokenizers that have reported a truncated prompt: one warning per run (one tokenizer), not one per batch.
+_TRUNCATION_REPORTED = weakref.WeakSet()
+
+
+def _report_truncation(tokenizer, prompts):
+    """Log once per tokenizer how many tokens the longest over-long prompt of the first such batch loses."""
+    if tokenizer in _TRUNCATION_REPORTED:
+        return
+    limit = tokenizer.model_max_length
+    # verbose=False: no transformers warning of its own about the length (it would come with no count).
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    over = [(n - limit, prompt) for n, prompt in zip(lengths, prompts) if n > limit]
+    if not over:
+        return
+    _TRUNCATION_REPORTED.add(tokenizer)
+    dropped, prompt = max(over, key=lambda item: item[0])
+    shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    logger.warning(
+        "Prompt %r is %d tokens long, over the text encoder's limit of %d (start and end tokens included): "
+        "its last %d tokens are dropped (%d prompt(s) of this batch are truncated). Later over-long prompts "
+        "are truncated the same way without another warning.",
+        shown, dropped + limit, limit, dropped, len(over),
+    )
 
 
 def check_resolution(components, height, width):

@@ -49,6 +49,8 @@ def _problems(config, num_processes):
             exists = os.path.isfile(path[0]) if path[1] == "file" else os.path.isdir(path[0])
             if not exists:
                 out.append(bad(key, f"the prompt {path[1]} does not exist"))
+            elif path[1] == "file":
+                out.extend(_prompt_file_problems(config, key))
         keys = prompts.metadata_keys(name)
         missing = [k for k in needed if keys is not None and k not in keys]
         if missing:
@@ -127,6 +129,22 @@ def _problems(config, num_processes):
     except BatchPlanError as e:
         out.append(str(e))
     return out
+
+
+def _prompt_file_problems(config, key):
+    """Problems of the `from_file:` prompt set of config.<key>: unreadable or empty file, metadata the reward lacks."""
+    try:
+        prompt_set = prompts.make_prompt_set(config[key], key)
+    except prompts.PromptError as e:
+        return [f"config.{key}={config[key]!r}: {e}"]
+    try:
+        problems = ((prompt, rewards.metadata_problem(config.reward_fn, meta)) for prompt, meta in prompt_set.items)
+        prompt, problem = next(((p, m) for p, m in problems if m), (None, None))
+    except rewards.RewardSpecError:
+        return []  # reported on its own
+    if problem:
+        return [f"config.{key}={config[key]!r}: prompt {prompt!r} {problem} (for config.reward_fn={config.reward_fn!r})"]
+    return []
 
 
 def _reward_problems(config):

@@ -204,8 +204,9 @@ def test_check_precision_on_cpu_and_on_gpus(monkeypatch):
 
 
 def test_script_stops_before_loading_with_every_problem_listed(tmp_path):
-    """Through the real script: resolution, guidance and logdir, one message, no traceback."""
+    """Through the real script: resolution, guidance, logdir and an empty prompt file, one message, no traceback."""
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty.txt").write_text("# no prompts\n")
     result = run_script(
         [
             "scripts/train.py",
@@ -213,6 +214,7 @@ def test_script_stops_before_loading_with_every_problem_listed(tmp_path):
             "--config.sample.height=500",
             "--config.sample.guidance_scale=-1",
             f"--config.logdir={tmp_path}/afile/sub",
+            f"--config.prompt_fn=from_file:{tmp_path}/empty.txt",
         ],
         timeout=120,
     )
@@ -221,6 +223,7 @@ def test_script_stops_before_loading_with_every_problem_listed(tmp_path):
     for needle in (
         "config.sample.height=500: must be a positive multiple of 8 pixels",
         "config.sample.guidance_scale=-1.0: must be >= 0",
+        f"config.prompt_fn='from_file:{tmp_path}/empty.txt': Prompt file '{tmp_path}/empty.txt' holds no prompts",
         f"config.logdir='{tmp_path}/afile/sub': run folders cannot be created there: '{tmp_path}/afile' is a file",
     ):
         assert needle in err, err[-3000:]

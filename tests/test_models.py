@@ -74,6 +74,24 @@ def test_latent_shape_read_from_configs():
         models.check_resolution(comps, 33, None)
 
 
+def test_long_prompt_truncation_is_logged_once_with_the_dropped_count(components, caplog):
+    tokenizer = components.tokenizer
+    long_prompt = "a watercolor painting of a " + "very " * 90 + "small cat"
+    n_tokens = len(tokenizer(long_prompt, verbose=False).input_ids)
+    assert n_tokens > tokenizer.model_max_length == 77
+    with caplog.at_level("WARNING", logger="alignprop.models"):
+        short = models.encode_prompts(components.text_encoder, tokenizer, ["a cat", "a dog"])
+        assert not caplog.records
+        for _ in range(3):  # three batches, one warning
+            embeds = models.encode_prompts(components.text_encoder, tokenizer, [long_prompt, "a cat"])
+    assert embeds.shape == short.shape == (2, 77, components.text_encoder.config.hidden_size)
+    # One warning, ours: no per-batch repeats, no count-less transformers warning besides.
+    assert [r.name for r in caplog.records] == ["alignprop.models"]
+    message = caplog.records[0].getMessage()
+    assert f"is {n_tokens} tokens long" in message and f"its last {n_tokens - 77} tokens are dropped" in message
+    assert "'a watercolor painting of a very very" in message
+
+
 def test_garbage_single_file_checkpoint_says_it_is_unreadable(tmp_path):
     for name in ("model.safetensors", "model.ckpt"):
         path = tmp_path / name
