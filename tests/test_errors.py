@@ -10,6 +10,7 @@ from alignprop.prompts import PromptError
 from alignprop.rewards import RewardSpecError
 from alignprop.rewards.aesthetic import AestheticMLP
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
+from alignprop.tracking import RunFolderError
 from conftest import run_script
 
 
@@ -17,7 +18,7 @@ from conftest import run_script
     "cls, also",
     [(ConfigError, ValueError), (BatchPlanError, ValueError), (PromptError, ValueError),
      (RewardSpecError, ValueError), (ModelLoadError, RuntimeError), (WeightsNotFoundError, RuntimeError),
-     (BadWeightsError, RuntimeError)],
+     (BadWeightsError, RuntimeError), (RunFolderError, OSError)],
 )
 def test_every_user_error_shares_the_base_and_keeps_its_builtin_type(cls, also):
     assert issubclass(cls, UserError) and issubclass(cls, also)
