@@ -1,9 +1,15 @@
 """Loading Stable Diffusion components (real checkpoint or tiny random), freezing them and adding LoRA."""
 
 import dataclasses
+import logging
 import os
+import weakref
 
 import torch
+
+from alignprop.errors import ConfigError, UserError, library_message, offline_hint
+
+logger = logging.getLogger(__name__)
 
 TINY = "tiny"
 
@@ -11,7 +17,7 @@ TINY = "tiny"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """Weights could not be found or read; the message says what was looked for and how to fix it."""
 
 
@@ -29,11 +35,51 @@ def inference_dtype(mixed_precision):
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
-def _offline_hint(what, key):
+# Keys of the UNet in an original (LDM/A1111-style) single-file SD checkpoint.
+SINGLE_FILE_UNET_PREFIX = "model.diffusion_model."
+
+
+def single_file_problem(path):
+    """Why `path` cannot be a single-file SD checkpoint (unreadable, or no UNet weights), or None if it may be one."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            keys = list(state) if isinstance(state, dict) else []
+    except Exception as e:  # safetensors and pickle raise many types for a file that is not a checkpoint
+        first_line = library_message(e).splitlines()[0][:200]
+        return (
+            f"the file ({os.path.getsize(path)} bytes) cannot be read: it is corrupt, truncated or not a "
+            f"checkpoint ({first_line})"
+        )
+    if not any(k.startswith(SINGLE_FILE_UNET_PREFIX) for k in keys):
+        return (
+            f"it holds no Stable Diffusion UNet weights (no '{SINGLE_FILE_UNET_PREFIX}*' keys; its first keys: "
+            f"{', '.join(map(str, keys[:3])) or 'none'}), so it is the checkpoint of another model"
+        )
+    return None
+
+
+def _single_file_error(path, error, key):
+    """The message of a failed `from_single_file`: what is wrong with the file, or why a sound file did not load."""
+    problem = single_file_problem(path)
+    if problem:
+        return (
+            f"{key}={path!r} is not a usable Stable Diffusion checkpoint: {problem}.\n"
+            f"Re-download the file (and compare its size with the source's), or point `{key}` at a diffusers "
+            f"folder or a hub id."
+        )
     return (
-        f"{what}\n"
-        f"If this machine is offline, download the weights elsewhere (e.g. `huggingface-cli download <id>`) "
-        f"and either copy the hub cache (HF_HOME) here or point `{key}` at a local copy."
+        f"Could not build Stable Diffusion from the single-file checkpoint {key}={path!r}: {library_message(error)}\n"
+        f"diffusers reads the pipeline's config files (of the model it infers from the file's keys) from the hub. "
+        f"If this machine is offline, either copy that model's hub cache (HF_HOME) here, or convert the file once "
+        f"on a machine with network (`StableDiffusionPipeline.from_single_file(PATH).save_pretrained(DIR)`) "
+        f"and set `{key}` to DIR."
     )
 
 
@@ -51,31 +97,34 @@ def load_components(model, revision=None, seed=0):
         return Components(**build_tiny_components(seed))
 
     key = "config.pretrained.model"
-    is_file = os.path.splitext(model)[1] in (".safetensors", ".ckpt")
-    try:
-        if is_file:
-            if not os.path.isfile(model):
-                raise ModelLoadError(f"{key}={model!r}: no such checkpoint file.")
+    if os.path.splitext(model)[1] in (".safetensors", ".ckpt"):
+        if not os.path.isfile(model):
+            raise ModelLoadError(f"{key}={model!r}: no such checkpoint file.")
+        try:
             pipe = StableDiffusionPipeline.from_single_file(model, safety_checker=None, requires_safety_checker=False)
-        else:
-            looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
-            if looks_like_path and not os.path.isdir(os.path.expanduser(model)):
-                raise ModelLoadError(f"{key}={model!r}: no such folder (a hub id looks like 'org/name').")
-            model = os.path.expanduser(model)
+        except Exception as e:  # diffusers, safetensors, torch and huggingface_hub raise many unrelated types
+            raise ModelLoadError(_single_file_error(model, e, key)) from e
+    else:
+        looks_like_path = model.startswith(("/", ".", "~")) or model.count("/") > 1
+        if looks_like_path and not os.path.isdir(os.path.expanduser(model)):
+            raise ModelLoadError(f"{key}={model!r}: no such folder (a hub id looks like 'org/name').")
+        model = os.path.expanduser(model)
+        try:
             pipe = StableDiffusionPipeline.from_pretrained(
                 model, revision=revision, safety_checker=None, requires_safety_checker=False
             )
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, EnvironmentError) as e:
-        where = "local file" if is_file else ("local folder" if os.path.isdir(model) else "hub id / local folder")
-        raise ModelLoadError(
-            _offline_hint(
-                f"Could not load Stable Diffusion from {key}={model!r} (revision {revision!r}) as a {where}: "
-                f"{type(e).__name__}: {e}",
-                key,
-            )
-        ) from e
+        except Exception as e:  # as above
+            what = f"Could not load Stable Diffusion from {key}={model!r} (revision {revision!r})"
+            if os.path.isdir(model):
+                raise ModelLoadError(
+                    f"{what}, a local folder: {library_message(e)}\n"
+                    f"The folder must be a complete diffusers pipeline folder (model_index.json, unet/, vae/, "
+                    f"text_encoder/, tokenizer/, scheduler/) with no truncated file: re-download or re-save it "
+                    f"(`pipe.save_pretrained(DIR)`), or point `{key}` at a hub id or a single .safetensors/.ckpt file."
+                ) from e
+            raise ModelLoadError(
+                f"{what}, not a local folder, so a hub id: {library_message(e)}\n{offline_hint(key)}"
+            ) from e
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler)
 
@@ -136,10 +185,13 @@ def vae_scale_factor(vae):
 def encode_prompts(text_encoder, tokenizer, prompts):
     """Prompt strings -> CLIP text embeddings [B, 77, D] (no gradients: the text encoder is frozen).
 
-    Prompts longer than the tokenizer's limit are truncated, as diffusers' pipelines do.
+    Prompts longer than the tokenizer's limit are truncated, as diffusers' pipelines do; the first
+    truncation of a run is logged (see `_report_truncation`).
     """
+    prompts = list(prompts)
+    _report_truncation(tokenizer, prompts)
     ids = tokenizer(
-        list(prompts),
+        prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -149,9 +201,38 @@ def encode_prompts(text_encoder, tokenizer, prompts):
         return text_encoder(ids, return_dict=False)[0]
 
 
+# Tokenizers that have reported a truncated prompt: one warning per run (one tokenizer), not one per batch.
+_TRUNCATION_REPORTED = weakref.WeakSet()
+
+
+def _report_truncation(tokenizer, prompts):
+    """Log once per tokenizer how many tokens the longest over-long prompt of the first such batch loses."""
+    if tokenizer in _TRUNCATION_REPORTED:
+        return
+    limit = tokenizer.model_max_length
+    # verbose=False: no transformers warning of its own about the length (it would come with no count).
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    over = [(n - limit, prompt) for n, prompt in zip(lengths, prompts) if n > limit]
+    if not over:
+        return
+    _TRUNCATION_REPORTED.add(tokenizer)
+    dropped, prompt = max(over, key=lambda item: item[0])
+    shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    logger.warning(
+        "Prompt %r is %d tokens long, over the text encoder's limit of %d (start and end tokens included): "
+        "its last %d tokens are dropped (%d prompt(s) of this batch are truncated). Later over-long prompts "
+        "are truncated the same way without another warning.",
+        shown, dropped + limit, limit, dropped, len(over),
+    )
+
+
 def check_resolution(components, height, width):
     """Image sizes must be multiples of the VAE's downsampling factor."""
     factor = vae_scale_factor(components.vae)
     for key, value in (("sample.height", height), ("sample.width", width)):
         if value is not None and value % factor:
-            raise ValueError(f"config.{key}={value} is not a multiple of the VAE factor {factor}.")
+            lower = max(factor, value // factor * factor)
+            raise ConfigError(
+                f"config.{key}={value} is not a multiple of this VAE's downsampling factor {factor}; "
+                f"use e.g. {lower} or {lower + factor}."
+            )

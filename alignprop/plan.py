@@ -2,9 +2,11 @@
 
 import dataclasses
 
+from alignprop.errors import UserError
 
-class BatchPlanError(ValueError):
-    pass
+
+class BatchPlanError(UserError, ValueError):
+    """The batch sizes do not divide; the message names the keys and values that would."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,8 @@ import json
 import os
 import random
 
+from alignprop.errors import UserError
+
 # Common animals for the aesthetic experiments (the original trains on a list of this kind; prompt = the name).
 SIMPLE_ANIMALS = [
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat",
@@ -59,8 +61,8 @@ HPS_V2_EVAL_EVERY = 10
 FILE_PREFIX = "from_file:"
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(UserError, ValueError):
+    """A prompt set that cannot be used (unknown name, unreadable or empty file, metadata a reward lacks)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,31 @@
 """The run folder: resolved config, metrics.jsonl, image grids, reward plot; and external trackers."""
 
+import contextlib
 import json
 import math
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from alignprop.errors import UserError
+
+
+class RunFolderError(UserError, OSError):
+    """The run folder cannot be created or written (permissions, a file in the way, disk full); names the path."""
+
+
+@contextlib.contextmanager
+def _writing(path, what):
+    """Turn an OSError while writing `path` into a RunFolderError that names the path and the config keys."""
+    try:
+        yield
+    except OSError as e:
+        where = f" (at {e.filename!r})" if e.filename and e.filename != path else ""
+        raise RunFolderError(
+            f"Cannot write {what} {path!r}{where}: {e.strerror or e}. The run folder is config.logdir/config.run_name "
+            f"(or the folder of config.resume_from); point config.logdir at a writable folder with free space."
+        ) from e
 
 
 class RunFolder:
@@ -16,20 +36,22 @@ class RunFolder:
         self.metrics_path = os.path.join(path, "metrics.jsonl")
 
     def create(self):
-        os.makedirs(os.path.join(self.path, "images"), exist_ok=True)
         # Fail now, not after hours of training, if the folder cannot be written.
-        probe = os.path.join(self.path, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with _writing(self.path, "the run folder"):
+            os.makedirs(os.path.join(self.path, "images"), exist_ok=True)
+            probe = os.path.join(self.path, ".write_test")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
 
     def write_config(self, config, plan=None):
         data = {"config": json.loads(config.to_json_best_effort()), "batch_plan": plan and vars(plan)}
-        with open(os.path.join(self.path, "config.json"), "w") as f:
+        path = os.path.join(self.path, "config.json")
+        with _writing(path, "the run's config"), open(path, "w") as f:
             json.dump(data, f, indent=2)
 
     def log(self, record):
-        with open(self.metrics_path, "a") as f:
+        with _writing(self.metrics_path, "the metrics file"), open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read_metrics(self):

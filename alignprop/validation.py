@@ -1,17 +1,18 @@
 """Start-up checks of a config: every mistake a user can make is reported before any model loads."""
 
 import importlib.util
+import math
 import os
 
-from alignprop import prompts, rewards, truncation
+from alignprop import checkpoints, prompts, rewards, truncation
+from alignprop.errors import ConfigError
 from alignprop.plan import BatchPlanError, make_batch_plan
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Downsampling factor of Stable Diffusion's VAE: image sizes must be multiples of it. The loaded VAE's own
+# factor is checked again after loading (models.check_resolution).
+SD_VAE_FACTOR = 8
 LOG_WITH = ("none", "wandb", "tensorboard")
-
-
-class ConfigError(ValueError):
-    """One or more config values are wrong; the message names each key, its value and what is valid."""
 
 
 def _problems(config, num_processes):
@@ -48,6 +49,8 @@ def _problems(config, num_processes):
             exists = os.path.isfile(path[0]) if path[1] == "file" else os.path.isdir(path[0])
             if not exists:
                 out.append(bad(key, f"the prompt {path[1]} does not exist"))
+            elif path[1] == "file":
+                out.extend(_prompt_file_problems(config, key))
         keys = prompts.metadata_keys(name)
         missing = [k for k in needed if keys is not None and k not in keys]
         if missing:
@@ -85,8 +88,12 @@ def _problems(config, num_processes):
             out.append(bad(key, why))
     for key in ("sample.height", "sample.width"):
         value = s[key.split(".")[1]]
-        if value is not None and value <= 0:
-            out.append(bad(key, "must be a positive number of pixels (a multiple of the VAE factor, 8 for SD)"))
+        if value is not None and (value <= 0 or value % SD_VAE_FACTOR):
+            lower = max(SD_VAE_FACTOR, value // SD_VAE_FACTOR * SD_VAE_FACTOR)
+            out.append(
+                bad(key, f"must be a positive multiple of {SD_VAE_FACTOR} pixels (Stable Diffusion's VAE factor), "
+                f"e.g. {lower} or {lower + SD_VAE_FACTOR}; unset, it is the UNet's native size")
+            )
     if t.truncation not in truncation.MODES:
         out.append(bad("train.truncation", f"must be one of {', '.join(truncation.MODES)}"))
     elif t.truncation == "fixed" and not 1 <= t.k <= s.num_steps:
@@ -100,13 +107,85 @@ def _problems(config, num_processes):
         out.append(bad("train.cut_std", "must be >= 0"))
     if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         out.append(bad("train.use_8bit_adam", "needs bitsandbytes (`pip install bitsandbytes`), or set it to False"))
-    if config.resume_from and not os.path.exists(config.resume_from):
-        out.append(bad("resume_from", "no such run or checkpoint folder"))
+    if config.resume_from:
+        if not os.path.exists(config.resume_from):
+            out.append(bad("resume_from", "no such run or checkpoint folder"))
+        else:
+            try:
+                run_dir = os.path.dirname(os.path.abspath(checkpoints.resolve_resume(config.resume_from)))
+            except FileNotFoundError as e:
+                out.append(f"{e} Give a checkpoint_N folder or a run folder that holds one, or '' to start afresh.")
+            else:
+                why = _unwritable(run_dir)
+                if why:
+                    out.append(bad("resume_from", f"a resumed run writes to its own folder, but {why}"))
+    else:
+        why = _unwritable(config.logdir)
+        if why:
+            out.append(bad("logdir", f"run folders cannot be created there: {why}; set it to a writable folder"))
+    out.extend(_reward_problems(config))
     try:
         make_batch_plan(t.total_batch_size, t.total_samples_per_epoch, t.batch_size_per_gpu, num_processes)
     except BatchPlanError as e:
         out.append(str(e))
     return out
+
+
+def _prompt_file_problems(config, key):
+    """Problems of the `from_file:` prompt set of config.<key>: unreadable or empty file, metadata the reward lacks."""
+    try:
+        prompt_set = prompts.make_prompt_set(config[key], key)
+    except prompts.PromptError as e:
+        return [f"config.{key}={config[key]!r}: {e}"]
+    try:
+        problems = ((prompt, rewards.metadata_problem(config.reward_fn, meta)) for prompt, meta in prompt_set.items)
+        prompt, problem = next(((p, m) for p, m in problems if m), (None, None))
+    except rewards.RewardSpecError:
+        return []  # reported on its own
+    if problem:
+        return [f"config.{key}={config[key]!r}: prompt {prompt!r} {problem} (for config.reward_fn={config.reward_fn!r})"]
+    return []
+
+
+def _reward_problems(config):
+    """Settings of the rewards in config.reward_fn (an unknown reward is reported on its own)."""
+    try:
+        names = [name for name, _ in rewards.parse_reward_spec(config.reward_fn)]
+    except ValueError:
+        return []
+    r = config.reward
+    checks = [("reward.target", r.target is None or math.isfinite(r.target), "must be a finite number or unset")]
+    if "object_count" in names:
+        c = r.object_count
+        checks += [
+            ("reward.object_count.query", isinstance(c.query, str) and "{}" in c.query,
+             "must contain '{}' for the object name, e.g. 'a photo of a {}'"),
+            ("reward.object_count.threshold", 0 < c.threshold < 1, "must be a probability in (0, 1), e.g. 0.1"),
+            ("reward.object_count.temperature", c.temperature > 0, "must be > 0 (logit units), e.g. 0.25"),
+        ]
+    if {"compressibility", "incompressibility"} & set(names):
+        quality = r.compressibility.quality
+        checks.append(("reward.compressibility.quality", 1 <= quality <= 100, "must be a JPEG quality in [1, 100]"))
+    out = []
+    for key, ok, why in checks:
+        if not ok:
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            out.append(f"config.{key}={value!r}: {why}")
+    return out
+
+
+def _unwritable(path):
+    """Why a folder cannot be made or written at `path`, or None. Creates nothing (the run folder does, later)."""
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable by this user"
+    return None
 
 
 def validate(config, num_processes=1):

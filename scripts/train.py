@@ -15,12 +15,13 @@ from ml_collections import config_flags
 from tqdm.auto import tqdm
 
 from alignprop import checkpoints, models, prompts, rewards
+from alignprop.errors import UserError
 from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward_columns, summarize
 from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
 from alignprop.training import make_context, train_step
-from alignprop.validation import ConfigError, check_precision, validate
+from alignprop.validation import check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
 
@@ -57,16 +58,19 @@ def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards, 
 
 
 def main(_):
+    try:
+        train(_CONFIG.value)
+    except UserError as e:  # a bad config value, missing weights, a prompt file, the run folder: say what to fix
+        raise SystemExit(str(e)) from None
+
+
+def train(config):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
 
-    config = _CONFIG.value
     state = PartialState()
-    try:
-        validate(config, state.num_processes)
-        check_precision(config.mixed_precision, state.device)
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
+    validate(config, state.num_processes)  # every check before any model is loaded
+    check_precision(config.mixed_precision, state.device)
     plan = make_batch_plan(
         config.train.total_batch_size,
         config.train.total_samples_per_epoch,

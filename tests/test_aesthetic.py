@@ -8,6 +8,7 @@ import torch
 
 from alignprop.rewards import UnknownRewardError, check_name, make_reward_fn
 from alignprop.rewards.aesthetic import AestheticMLP, load_mlp_state_dict
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from conftest import SHARED_ASSETS
 
@@ -97,3 +98,37 @@ def test_clip_preprocess_close_to_transformers_processor():
 def test_unknown_reward_lists_valid_names():
     with pytest.raises(UnknownRewardError, match="valid: aesthetic"):
         check_name("aesthetics")
+
+
+def _mlp_file(tmp_path, content):
+    """An MLP weights file of the real format (torch.save of the state dict), then altered by `content`."""
+    path = tmp_path / "aesthetic-model.pth"
+    torch.save(AestheticMLP(32).state_dict(), path)  # the tiny tower's projection size
+    path.write_bytes(content(path.read_bytes()))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (lambda data: data[: len(data) // 2], "could not be read: the file is corrupt, truncated or not a torch.save file"),
+        (lambda data: b"<html>404 Not Found</html>", "could not be read: the file is corrupt, truncated"),
+    ],
+)
+def test_truncated_or_garbage_mlp_file(tmp_path, content, needle):
+    path = _mlp_file(tmp_path, content)
+    with pytest.raises(BadWeightsError) as e:
+        make_reward_fn(_config(mlp_path=path), torch.device("cpu"), torch.float32)
+    message = str(e.value)
+    assert f"Aesthetic MLP weights {path!r}" in message and needle in message
+    assert "Point config.reward.aesthetic.mlp_path at a good copy of the LAION MLP" in message
+
+
+def test_mlp_file_of_whole_file_is_loaded_and_not_a_state_dict_is_an_error(tmp_path):
+    make_reward_fn(_config(mlp_path=_mlp_file(tmp_path, lambda data: data)), torch.device("cpu"), torch.float32)
+    path = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(BadWeightsError, match=r"hold a Tensor, not a state dict"):
+        make_reward_fn(_config(mlp_path=str(path)), torch.device("cpu"), torch.float32)
+    with pytest.raises(WeightsNotFoundError, match=r"aesthetic-missing.pth' do not exist. Point config.reward"):
+        make_reward_fn(_config(mlp_path=str(tmp_path / "aesthetic-missing.pth")), torch.device("cpu"), torch.float32)

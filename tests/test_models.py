@@ -1,9 +1,11 @@
 """Model loading (local folder, errors offline), the offline tokenizer, LoRA set-up."""
 
+import huggingface_hub
 import pytest
 import torch
 
 from alignprop import models
+from alignprop.errors import ConfigError
 from alignprop.tiny import build_tiny_components, clip_tokenizer
 
 
@@ -70,3 +72,92 @@ def test_latent_shape_read_from_configs():
     assert models.latent_shape(comps.unet, comps.vae, 48, 64) == (4, 24, 32)
     with pytest.raises(ValueError, match="sample.height=33"):
         models.check_resolution(comps, 33, None)
+
+
+def test_long_prompt_truncation_is_logged_once_with_the_dropped_count(components, caplog):
+    tokenizer = components.tokenizer
+    long_prompt = "a watercolor painting of a " + "very " * 90 + "small cat"
+    n_tokens = len(tokenizer(long_prompt, verbose=False).input_ids)
+    assert n_tokens > tokenizer.model_max_length == 77
+    with caplog.at_level("WARNING", logger="alignprop.models"):
+        short = models.encode_prompts(components.text_encoder, tokenizer, ["a cat", "a dog"])
+        assert not caplog.records
+        for _ in range(3):  # three batches, one warning
+            embeds = models.encode_prompts(components.text_encoder, tokenizer, [long_prompt, "a cat"])
+    assert embeds.shape == short.shape == (2, 77, components.text_encoder.config.hidden_size)
+    # One warning, ours: no per-batch repeats, no count-less transformers warning besides.
+    assert [r.name for r in caplog.records] == ["alignprop.models"]
+    message = caplog.records[0].getMessage()
+    assert f"is {n_tokens} tokens long" in message and f"its last {n_tokens - 77} tokens are dropped" in message
+    assert "'a watercolor painting of a very very" in message
+
+
+def test_garbage_single_file_checkpoint_says_it_is_unreadable(tmp_path):
+    for name in ("model.safetensors", "model.ckpt"):
+        path = tmp_path / name
+        path.write_bytes(b"\x93NUMPY not a checkpoint" * 50)
+        with pytest.raises(models.ModelLoadError) as e:
+            models.load_components(str(path))
+        message = str(e.value)
+        assert f"config.pretrained.model='{path}' is not a usable Stable Diffusion checkpoint" in message
+        assert "cannot be read: it is corrupt, truncated or not a checkpoint" in message
+        assert "point `config.pretrained.model` at a diffusers folder or a hub id" in message
+
+
+def test_truncated_and_foreign_single_file_checkpoints(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    unet_key = models.SINGLE_FILE_UNET_PREFIX + "input_blocks.0.0.weight"
+    whole = tmp_path / "whole.safetensors"
+    save_file({unet_key: torch.zeros(64, 4, 3, 3)}, str(whole))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(models.ModelLoadError, match="cannot be read: it is corrupt, truncated"):
+        models.load_components(str(truncated))
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(2)}, str(foreign))
+    with pytest.raises(models.ModelLoadError, match=r"holds no Stable Diffusion UNet weights .*encoder.layer.0.weight"):
+        models.load_components(str(foreign))
+    # A sound SD file offline: diffusers needs the pipeline's config files from the hub; the message says so.
+    with pytest.raises(models.ModelLoadError) as e:
+        models.load_components(str(whole))
+    message = str(e.value)
+    assert f"single-file checkpoint config.pretrained.model='{whole}'" in message
+    assert "save_pretrained(DIR)" in message and "Traceback" not in message
+
+
+@pytest.mark.parametrize("model", ["runwayml/stable-diffusion-v1-5x", "not a hub id!"])
+def test_wrong_or_uncached_hub_id_offline(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(models.ModelLoadError) as e:
+        models.load_components(model)
+    message = str(e.value)
+    assert f"config.pretrained.model={model!r}" in message and "not a local folder, so a hub id" in message
+    assert "Check the name for typos" in message and "point `config.pretrained.model` at a local copy" in message
+    assert "stacktrace above" not in message
+
+
+def test_local_folder_with_a_truncated_weight_file(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    comps = build_tiny_components(seed=0)
+    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path)
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(models.ModelLoadError) as e:
+        models.load_components(str(tmp_path))
+    message = str(e.value)
+    assert f"config.pretrained.model='{tmp_path}'" in message and "a local folder" in message
+    assert "unet/diffusion_pytorch_model.safetensors" in message and "re-download or re-save it" in message
+
+
+def test_resolution_error_says_what_would_fit():
+    comps = models.Components(**build_tiny_components(seed=0))
+    factor = models.vae_scale_factor(comps.vae)
+    with pytest.raises(ConfigError, match=rf"config.sample.width={4 * factor + 1} is not a multiple .* {factor}; "
+                                          rf"use e.g. {4 * factor} or {5 * factor}"):
+        models.check_resolution(comps, None, 4 * factor + 1)

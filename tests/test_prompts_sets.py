@@ -170,3 +170,46 @@ def test_validation_checks_local_prompt_paths(tmp_path):
     with pytest.raises(ConfigError) as e:
         validate(config)
     assert "the prompt folder does not exist" in str(e.value) and "the prompt file does not exist" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ({"prompt": "three apples", "object": "apple"}, "has no 'count' in its metadata"),
+        ({"prompt": "three apples", "object": "apple", "count": "three"}, "has 'count': 'three'; it must be a whole number"),
+        ({"prompt": "three apples", "object": "apple", "count": 2.5}, "has 'count': 2.5"),
+        ({"prompt": "three apples", "count": 3}, "has no 'object'"),
+        ({"prompt": "three apples", "object": "", "count": 3}, "has 'object': ''; it must be an object name"),
+    ],
+)
+def test_counting_prompt_file_without_a_usable_count_fails_at_start_up(tmp_path, entry, needle):
+    path = tmp_path / "counts.json"
+    good = {"prompt": "two cups", "object": "cup", "count": 2}
+    path.write_text(json.dumps([good, entry]))
+    config = tiny()
+    config.reward_fn = "object_count"
+    config.prompt_fn, config.eval_prompt_fn = f"from_file:{path}", "eval_counting"
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    message = str(e.value)
+    assert f"config.prompt_fn='from_file:{path}': prompt 'three apples' {needle}" in message
+    assert "config.reward_fn='object_count'" in message
+    # The same file is fine for a reward that needs no metadata; counts like "3" and 3.0 are whole numbers.
+    config.reward_fn = "aesthetic"
+    validate(config)
+    path.write_text(json.dumps([good, {"prompt": "three apples", "object": "apple", "count": "3"},
+                                {"prompt": "one egg", "object": "egg", "count": 1.0}]))
+    config.reward_fn = "object_count"
+    validate(config)
+
+
+@pytest.mark.parametrize("content,needle", [(b"# only a comment\n", "holds no prompts"), (b"\xff\xfe bad", "not UTF-8")])
+def test_unusable_prompt_file_fails_at_start_up(tmp_path, content, needle):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    config = tiny()
+    config.eval_prompt_fn = f"from_file:{path}"
+    with pytest.raises(ConfigError) as e:
+        validate(config)
+    assert f"config.eval_prompt_fn='from_file:{path}': Prompt file '{path}' " in str(e.value)
+    assert needle in str(e.value)

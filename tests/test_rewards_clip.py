@@ -6,7 +6,7 @@ import torch
 from transformers import CLIPImageProcessor, CLIPProcessor
 
 from alignprop.rewards import clipscore
-from alignprop.rewards.loading import WeightsNotFoundError
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.tiny import build_tiny_clip, clip_tokenizer
 from config.align_prop import base, tiny
 
@@ -104,3 +104,42 @@ def test_tiny_rewards_through_make():
         assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
         rewards.sum().backward()
         assert images.grad.abs().sum() > 0
+
+
+def _broken_copy(saved, tmp_path, rewrite):
+    """A copy of the saved model folder whose model.safetensors is replaced by `rewrite(state) -> bytes or dict`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, processor_dir, _ = saved
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    new = rewrite(weights.read_bytes(), load_file(str(weights)))
+    if isinstance(new, bytes):
+        weights.write_bytes(new)
+    else:
+        save_file(new, str(weights), metadata={"format": "pt"})
+    cfg = base().reward.clipscore
+    cfg.model, cfg.processor = str(broken), processor_dir
+    return cfg
+
+
+def test_truncated_local_weights_are_a_clear_error(saved, tmp_path):
+    cfg = _broken_copy(saved, tmp_path, lambda data, state: data[: len(data) // 2])
+    with pytest.raises(BadWeightsError) as e:
+        clipscore.build_scorer(cfg, "clipscore", use_logit_scale=False)
+    message = str(e.value)
+    assert f"Could not load CLIPModel from config.reward.clipscore.model='{cfg.model}' (a local folder)" in message
+    assert "no truncated file; re-download or re-save it" in message
+
+
+def test_weights_of_another_model_are_an_error_not_a_random_init(saved, tmp_path):
+    cfg = _broken_copy(saved, tmp_path, lambda data, state: {k.replace("vision_model.", "vision."): v
+                                                             for k, v in state.items()})
+    with pytest.raises(BadWeightsError) as e:
+        clipscore.build_scorer(cfg, "clipscore", use_logit_scale=False)
+    message = str(e.value)
+    assert f"config.reward.clipscore.model='{cfg.model}' lacks" in message and "vision_model." in message
+    assert "holds the weights of another model" in message

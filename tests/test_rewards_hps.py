@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignprop.rewards import hps
-from alignprop.rewards.loading import WeightsNotFoundError
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.tiny import TINY_OPEN_CLIP_CONFIG
 from config.align_prop import base, tiny
 
@@ -116,3 +116,15 @@ def test_tiny_option_builds_offline_and_make_returns_float32():
         assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
         rewards.sum().backward()
         assert images.grad.abs().sum() > 0
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    truncated = tmp_path / "HPS_v2_compressed.pt"
+    with open(path, "rb") as f:
+        truncated.write_bytes(f.read()[:4096])
+    with pytest.raises(BadWeightsError) as e:
+        hps.build_scorer(_cfg(model=TINY_ARCH, path=str(truncated)), "hps")
+    message = str(e.value)
+    assert f"HPS checkpoint '{truncated}' (4096 bytes) could not be read: the file is corrupt, truncated" in message
+    assert "Point config.reward.hps.path at a good copy of 'HPS_v2_compressed.pt' of the hub repo 'xswu/HPSv2'" in message

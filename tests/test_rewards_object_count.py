@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import OwlViTImageProcessor, OwlViTProcessor
 
+from alignprop.prompts import PromptError
 from alignprop.rewards import object_count
 from alignprop.rewards.loading import WeightsNotFoundError
 from alignprop.tiny import build_tiny_owlvit, clip_tokenizer
@@ -185,3 +186,21 @@ def test_offline_error_names_repo_and_key(monkeypatch, tmp_path):
         object_count.build_counter(_cfg())
     message = str(e.value)
     assert "'google/owlvit-base-patch32'" in message and "config.reward.object_count.model" in message
+
+
+@pytest.mark.parametrize("value,count", [(3, 3), (0, 0), (3.0, 3), ("3", 3), (" 4 ", 4), ("three", None),
+                                         (2.5, None), (-1, None), (True, None), (None, None)])
+def test_parse_count(value, count):
+    assert object_count.parse_count(value) == count
+
+
+def test_unparsable_count_names_the_prompt_and_prompt_fn():
+    config = tiny()
+    config.prompt_fn = "from_file:/data/counts.json"
+    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+    metadata = [{"object": "apple", "count": 3}, {"object": "teddy bear", "count": "a few"}]
+    with pytest.raises(PromptError) as e:
+        reward_fn(_images(), PROMPTS, metadata)
+    message = str(e.value)
+    assert "prompt 'one teddy bear' has 'count': 'a few'; it must be a whole number >= 0" in message
+    assert "config.prompt_fn='from_file:/data/counts.json'" in message

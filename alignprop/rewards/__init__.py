@@ -13,6 +13,8 @@ A sum logs each component's reward under its name and the component's own info k
 import importlib
 import math
 
+from alignprop.errors import UserError
+
 # name -> "module:factory"; modules are imported only when their reward is used (heavy imports).
 REWARDS = {
     "aesthetic": "alignprop.rewards.aesthetic:make",
@@ -29,9 +31,13 @@ REWARDS = {
 REQUIRED_METADATA = {
     "object_count": ("object", "count"),
 }
+# Check of one prompt's metadata: name -> "module:function(metadata) -> problem text or None" (imported when used).
+METADATA_CHECKS = {
+    "object_count": "alignprop.rewards.object_count:metadata_problem",
+}
 
 
-class RewardSpecError(ValueError):
+class RewardSpecError(UserError, ValueError):
     """`config.reward_fn` is not a reward name or a valid weighted sum of rewards."""
 
 
@@ -83,6 +89,17 @@ def required_metadata(spec):
     for name, _ in parse_reward_spec(spec):
         keys.extend(k for k in REQUIRED_METADATA.get(name, ()) if k not in keys)
     return tuple(keys)
+
+
+def metadata_problem(spec, metadata):
+    """Why one prompt's metadata does not suit the rewards of `spec` (e.g. a count that is not a number), or None."""
+    for name, _ in parse_reward_spec(spec):
+        if name in METADATA_CHECKS:
+            module, attr = METADATA_CHECKS[name].split(":")
+            problem = getattr(importlib.import_module(module), attr)(metadata)
+            if problem:
+                return problem
+    return None
 
 
 def _factory(name):

@@ -5,10 +5,13 @@ Weights: the MLP `sac+logos+ava1-l14-linearMSE.pth` (published on the hub as
 `openai/clip-vit-large-patch14`.
 """
 
+import os
+
 import torch
 from torch import nn
 
-from alignprop.rewards.loading import hub_file, load_pretrained
+from alignprop.errors import library_message
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained
 from alignprop.rewards.preprocess import clip_preprocess
 
 
@@ -32,13 +35,36 @@ class AestheticMLP(nn.Module):
         return self.layers(embeds)
 
 
-def load_mlp_state_dict(path):
-    """Read the MLP weights (a plain state dict saved with torch.save)."""
+def load_mlp_state_dict(path, fix=""):
+    """Read the MLP weights (a plain state dict saved with torch.save); `fix` ends any error message."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"Aesthetic MLP weights {path!r} could not be read ({type(e).__name__}: {e}).") from e
+    except FileNotFoundError:
+        raise WeightsNotFoundError(f"Aesthetic MLP weights {path!r} do not exist. {fix}") from None
+    except Exception as e:  # pickle and zip errors of a corrupt, truncated or non-torch file
+        first_line = library_message(e).splitlines()[0][:200]
+        raise BadWeightsError(
+            f"Aesthetic MLP weights {path!r} ({os.path.getsize(path)} bytes) could not be read: the file is "
+            f"corrupt, truncated or not a torch.save file ({first_line}). {fix}"
+        ) from e
+    if not isinstance(state, dict):
+        raise BadWeightsError(f"Aesthetic MLP weights {path!r} hold a {type(state).__name__}, not a state dict. {fix}")
     return state
+
+
+def load_mlp(mlp, cfg, path):
+    """Load the weights at `path` into `mlp` strictly; an error says which config key to point at a good copy."""
+    fix = (
+        f"Point config.reward.aesthetic.mlp_path at a good copy of the LAION MLP (sac+logos+ava1-l14-linearMSE.pth, "
+        f"on the hub as {cfg.mlp_repo!r} / {cfg.mlp_file!r})"
+        + ("." if cfg.mlp_path else ", or delete the broken file from the hub cache to download it again.")
+    )
+    state = load_mlp_state_dict(path, fix)
+    try:
+        mlp.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped keys
+        raise BadWeightsError(f"Aesthetic MLP weights {path!r} do not match the LAION MLP: {e}\n{fix}") from e
+    return mlp
 
 
 class AestheticScorer(nn.Module):
@@ -74,19 +100,14 @@ def build_scorer(cfg, seed=0):
         vision = CLIPVisionModelWithProjection(vision_config)
         mlp = AestheticMLP(vision_config.projection_dim)
         if cfg.mlp_path:
-            mlp.load_state_dict(load_mlp_state_dict(cfg.mlp_path), strict=True)
+            load_mlp(mlp, cfg, cfg.mlp_path)
         return AestheticScorer(vision, mlp)
 
     vision = load_pretrained(
         CLIPVisionModelWithProjection, cfg.clip_model, key="config.reward.aesthetic.clip_model"
     )
     path = cfg.mlp_path or hub_file(cfg.mlp_repo, cfg.mlp_file, key="config.reward.aesthetic.mlp_path")
-    mlp = AestheticMLP(vision.config.projection_dim)
-    state = load_mlp_state_dict(path)
-    try:
-        mlp.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise RuntimeError(f"Aesthetic MLP weights {path!r} do not match the LAION MLP: {e}") from e
+    mlp = load_mlp(AestheticMLP(vision.config.projection_dim), cfg, path)
     return AestheticScorer(vision, mlp)
 
 

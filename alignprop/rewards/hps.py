@@ -8,10 +8,13 @@ Weights: hub repo `xswu/HPSv2`, `HPS_v2_compressed.pt` (`hps`) or `HPS_v2.1_comp
 a dict with a `state_dict` key, or a local copy at `config.reward.<name>.path`.
 """
 
+import os
+
 import torch
 from torch import nn
 
-from alignprop.rewards.loading import WeightsNotFoundError, hub_file
+from alignprop.errors import ConfigError, library_message
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 TINY = "tiny"
@@ -44,23 +47,34 @@ class HPSScorer(nn.Module):
         return (out["image_features"] * out["text_features"]).sum(-1)
 
 
-def load_hps_checkpoint(model, path):
-    """Load an HPS checkpoint (`{'state_dict': ...}`) into an open_clip model, strictly."""
+def _read_problem(path):
+    """Why torch.load cannot read `path` (corrupt, truncated, not a checkpoint), or None. Only on the error path."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle and zip errors
+        return library_message(e).splitlines()[0][:200]
+    return None
+
+
+def load_hps_checkpoint(model, path, fix=""):
+    """Load an HPS checkpoint (`{'state_dict': ...}`) into an open_clip model, strictly; `fix` ends any error message."""
     import open_clip
 
     try:
         open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
     except FileNotFoundError:
-        raise WeightsNotFoundError(f"HPS checkpoint {path!r} does not exist.") from None
-    except RuntimeError as e:
-        raise RuntimeError(
+        raise WeightsNotFoundError(f"HPS checkpoint {path!r} does not exist. {fix}") from None
+    except Exception as e:  # a truncated zip and a missing key both raise RuntimeError: tell them apart
+        problem = _read_problem(path)
+        if problem:
+            raise BadWeightsError(
+                f"HPS checkpoint {path!r} ({os.path.getsize(path)} bytes) could not be read: the file is corrupt, "
+                f"truncated or not a checkpoint ({problem}). It is read with torch.load(weights_only=True), which "
+                f"accepts tensors in plain containers only. {fix}"
+            ) from e
+        raise BadWeightsError(
             f"HPS checkpoint {path!r} does not fit the open_clip model it was loaded into "
-            f"(is it an HPS checkpoint of this architecture?): {e}"
-        ) from e
-    except Exception as e:  # unpickling errors of a corrupt or non-checkpoint file
-        raise RuntimeError(
-            f"HPS checkpoint {path!r} could not be read ({type(e).__name__}: {e}). It is read with "
-            f"torch.load(weights_only=True), which accepts tensors in plain containers only."
+            f"(is it an HPS checkpoint of this architecture?): {library_message(e)}\n{fix}"
         ) from e
 
 
@@ -73,11 +87,11 @@ def build_scorer(cfg, key, seed=0):
 
         model = build_tiny_open_clip(seed)
         if cfg.path:
-            load_hps_checkpoint(model, cfg.path)
+            load_hps_checkpoint(model, cfg.path, _fix(cfg, key))
         return HPSScorer(model, open_clip.SimpleTokenizer(context_length=model.context_length))
 
     if open_clip.get_model_config(cfg.model) is None:
-        raise ValueError(
+        raise ConfigError(
             f"config.reward.{key}.model={cfg.model!r} is not an open_clip architecture "
             f"(HPSv2 uses 'ViT-H-14'; 'tiny' builds a random tiny model); known: {', '.join(open_clip.list_models())}."
         )
@@ -85,8 +99,16 @@ def build_scorer(cfg, key, seed=0):
     path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
     # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
     model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True)
-    load_hps_checkpoint(model, path)
+    load_hps_checkpoint(model, path, _fix(cfg, key))
     return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
+
+
+def _fix(cfg, key):
+    """How to point `config.reward.<key>` at a good checkpoint."""
+    return (
+        f"Point config.reward.{key}.path at a good copy of {cfg.file!r} of the hub repo {cfg.repo!r}"
+        + ("." if cfg.path else ", or delete the broken file from the hub cache to download it again.")
+    )
 
 
 def _make(config, device, dtype, key):

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import nn
 
+from alignprop.errors import ConfigError
+from alignprop.prompts import PromptError
 from alignprop.rewards.loading import load_pretrained
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
@@ -91,7 +93,7 @@ def build_counter(cfg, seed=0):
     key = "config.reward.object_count.model"
     model_config = load_pretrained(transformers.AutoConfig, cfg.model, key=key)
     if model_config.model_type not in DETECTORS:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={cfg.model!r} is a {model_config.model_type!r} model; object_count needs one of "
             f"{', '.join(DETECTORS)} (e.g. 'google/owlvit-base-patch32', 'google/owlv2-base-patch16-ensemble')."
         )
@@ -109,23 +111,47 @@ def build_counter(cfg, seed=0):
     )
 
 
+def parse_count(value):
+    """A prompt's `count` metadata as an int >= 0 (3, 3.0 and "3" are 3), or None when it is not a whole number."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return int(value) if value >= 0 else None
+    return None
+
+
+def metadata_problem(metadata):
+    """Why one prompt's metadata cannot be scored (no object name, no whole-number count), or None."""
+    missing = [k for k in ("object", "count") if k not in metadata]
+    if missing:
+        return f"has no {' and no '.join(repr(k) for k in missing)} in its metadata {metadata!r}"
+    if not isinstance(metadata["object"], str) or not metadata["object"].strip():
+        return f"has 'object': {metadata['object']!r}; it must be an object name such as 'apple'"
+    if parse_count(metadata["count"]) is None:
+        return f"has 'count': {metadata['count']!r}; it must be a whole number >= 0 such as 3"
+    return None
+
+
 def check_metadata(metadata, prompts, config):
-    """(objects, counts) from the metadata, or an error naming the prompt-set keys when they are missing."""
+    """(objects, counts) from the metadata, or an error naming the prompt and the prompt-set keys."""
     for prompt, meta in zip(prompts, metadata):
-        if "object" not in meta or "count" not in meta:
-            raise ValueError(
-                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} has "
-                f"metadata {meta!r}. Use config.prompt_fn='counting' (and config.eval_prompt_fn='eval_counting') "
+        problem = metadata_problem(meta)
+        if problem:
+            raise PromptError(
+                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} {problem}. "
+                f"Use config.prompt_fn='counting' (and config.eval_prompt_fn='eval_counting') "
                 f"or a JSON prompt file of {{'prompt': ..., 'object': ..., 'count': ...}} objects "
                 f"(now config.prompt_fn={config.prompt_fn!r}, config.eval_prompt_fn={config.eval_prompt_fn!r})."
             )
-    return [m["object"] for m in metadata], [float(m["count"]) for m in metadata]
+    return [m["object"] for m in metadata], [float(parse_count(m["count"])) for m in metadata]
 
 
 def make(config, device, dtype):
     cfg = config.reward.object_count
     if "{}" not in cfg.query:
-        raise ValueError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
+        raise ConfigError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
     counter = build_counter(cfg, seed=config.seed).to(device, dtype=dtype)
 
     def reward_fn(images, prompts, metadata):

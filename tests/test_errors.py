@@ -1,0 +1,64 @@
+"""User errors: one base class; scripts/train.py shows their message alone, without a traceback."""
+
+import pytest
+import torch
+
+from alignprop.errors import ConfigError, UserError
+from alignprop.models import ModelLoadError
+from alignprop.plan import BatchPlanError
+from alignprop.prompts import PromptError
+from alignprop.rewards import RewardSpecError
+from alignprop.rewards.aesthetic import AestheticMLP
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
+from alignprop.tracking import RunFolderError
+from conftest import run_script
+
+
+@pytest.mark.parametrize(
+    "cls, also",
+    [(ConfigError, ValueError), (BatchPlanError, ValueError), (PromptError, ValueError),
+     (RewardSpecError, ValueError), (ModelLoadError, RuntimeError), (WeightsNotFoundError, RuntimeError),
+     (BadWeightsError, RuntimeError), (RunFolderError, OSError)],
+)
+def test_every_user_error_shares_the_base_and_keeps_its_builtin_type(cls, also):
+    assert issubclass(cls, UserError) and issubclass(cls, also)
+
+
+def _assert_one_message(result, *needles):
+    assert result.returncode != 0
+    err = result.stderr
+    for needle in needles:
+        assert needle in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_script_shows_a_broken_sd_checkpoint_as_one_message(tmp_path):
+    path = tmp_path / "sd15.safetensors"
+    path.write_bytes(b"\x00" * 4096)  # e.g. a download that stopped
+    result = run_script(
+        ["scripts/train.py", "--config", "config/align_prop.py:tiny", f"--config.pretrained.model={path}",
+         f"--config.logdir={tmp_path / 'logs'}"],
+        timeout=120,
+    )
+    _assert_one_message(
+        result,
+        f"config.pretrained.model='{path}' is not a usable Stable Diffusion checkpoint: the file (4096 bytes) "
+        "cannot be read",
+        "point `config.pretrained.model` at a diffusers folder or a hub id",
+    )
+
+
+def test_script_shows_a_truncated_reward_file_as_one_message(tmp_path):
+    path = tmp_path / "aesthetic-model.pth"
+    torch.save(AestheticMLP(32).state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    result = run_script(
+        ["scripts/train.py", "--config", "config/align_prop.py:tiny", f"--config.reward.aesthetic.mlp_path={path}",
+         f"--config.logdir={tmp_path / 'logs'}"],
+        timeout=120,
+    )
+    _assert_one_message(
+        result,
+        f"Aesthetic MLP weights '{path}' (1000 bytes) could not be read: the file is corrupt, truncated",
+        "Point config.reward.aesthetic.mlp_path at a good copy of the LAION MLP",
+    )
