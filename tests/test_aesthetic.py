@@ -111,7 +111,7 @@ def _mlp_file(tmp_path, content):
 @pytest.mark.parametrize(
     "content,needle",
     [
-        (lambda data: data[: len(data) // 2], "could not be read: the file is corrupt, truncated or not a torch.save file"),
+        (lambda data: data[: len(data) // 2], "could not be read: the file is corrupt, truncated or not a torch.save"),
         (lambda data: b"<html>404 Not Found</html>", "could not be read: the file is corrupt, truncated"),
     ],
 )
