@@ -15,14 +15,19 @@ SD_VAE_FACTOR = 8
 LOG_WITH = ("none", "wandb", "tensorboard")
 
 
+def _bad(config, key, why):
+    """`config.<key>=<value>: <why>` for a dotted key."""
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return f"config.{key}={value!r}: {why}"
+
+
 def _problems(config, num_processes):
     s, t = config.sample, config.train
 
     def bad(key, why):
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        return f"config.{key}={value!r}: {why}"
+        return _bad(config, key, why)
 
     out = []
     for key, check in (
@@ -137,13 +142,14 @@ def _prompt_file_problems(config, key):
         prompt_set = prompts.make_prompt_set(config[key], key)
     except prompts.PromptError as e:
         return [f"config.{key}={config[key]!r}: {e}"]
-    try:
-        problems = ((prompt, rewards.metadata_problem(config.reward_fn, meta)) for prompt, meta in prompt_set.items)
-        prompt, problem = next(((p, m) for p, m in problems if m), (None, None))
-    except rewards.RewardSpecError:
-        return []  # reported on its own
-    if problem:
-        return [f"config.{key}={config[key]!r}: prompt {prompt!r} {problem} (for config.reward_fn={config.reward_fn!r})"]
+    for prompt, metadata in prompt_set.items:
+        try:
+            problem = rewards.metadata_problem(config.reward_fn, metadata)
+        except rewards.RewardSpecError:
+            return []  # config.reward_fn is reported on its own
+        if problem:
+            return [f"config.{key}={config[key]!r}: prompt {prompt!r} {problem} "
+                    f"(for config.reward_fn={config.reward_fn!r})"]
     return []
 
 
@@ -166,14 +172,7 @@ def _reward_problems(config):
     if {"compressibility", "incompressibility"} & set(names):
         quality = r.compressibility.quality
         checks.append(("reward.compressibility.quality", 1 <= quality <= 100, "must be a JPEG quality in [1, 100]"))
-    out = []
-    for key, ok, why in checks:
-        if not ok:
-            value = config
-            for part in key.split("."):
-                value = value[part]
-            out.append(f"config.{key}={value!r}: {why}")
-    return out
+    return [_bad(config, key, why) for key, ok, why in checks if not ok]
 
 
 def _unwritable(path):

@@ -145,7 +145,8 @@ def test_local_folder_with_a_truncated_weight_file(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     comps = build_tiny_components(seed=0)
-    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path)
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path)
     weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(models.ModelLoadError) as e:

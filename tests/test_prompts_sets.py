@@ -176,7 +176,7 @@ def test_validation_checks_local_prompt_paths(tmp_path):
     "entry,needle",
     [
         ({"prompt": "three apples", "object": "apple"}, "has no 'count' in its metadata"),
-        ({"prompt": "three apples", "object": "apple", "count": "three"}, "has 'count': 'three'; it must be a whole number"),
+        ({"prompt": "three apples", "object": "apple", "count": "three"}, "has 'count': 'three'; it must be a whole"),
         ({"prompt": "three apples", "object": "apple", "count": 2.5}, "has 'count': 2.5"),
         ({"prompt": "three apples", "count": 3}, "has no 'object'"),
         ({"prompt": "three apples", "object": "", "count": 3}, "has 'object': ''; it must be an object name"),
@@ -203,7 +203,7 @@ def test_counting_prompt_file_without_a_usable_count_fails_at_start_up(tmp_path,
     validate(config)
 
 
-@pytest.mark.parametrize("content,needle", [(b"# only a comment\n", "holds no prompts"), (b"\xff\xfe bad", "not UTF-8")])
+@pytest.mark.parametrize("content,needle", [(b"# a comment\n", "holds no prompts"), (b"\xff\xfe bad", "not UTF-8")])
 def test_unusable_prompt_file_fails_at_start_up(tmp_path, content, needle):
     path = tmp_path / "prompts.txt"
     path.write_bytes(content)

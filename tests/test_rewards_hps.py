@@ -127,4 +127,5 @@ def test_truncated_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
         hps.build_scorer(_cfg(model=TINY_ARCH, path=str(truncated)), "hps")
     message = str(e.value)
     assert f"HPS checkpoint '{truncated}' (4096 bytes) could not be read: the file is corrupt, truncated" in message
-    assert "Point config.reward.hps.path at a good copy of 'HPS_v2_compressed.pt' of the hub repo 'xswu/HPSv2'" in message
+    fix = "Point config.reward.hps.path at a good copy of 'HPS_v2_compressed.pt' of the hub repo 'xswu/HPSv2'"
+    assert fix in message

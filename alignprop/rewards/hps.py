@@ -57,7 +57,7 @@ def _read_problem(path):
 
 
 def load_hps_checkpoint(model, path, fix=""):
-    """Load an HPS checkpoint (`{'state_dict': ...}`) into an open_clip model, strictly; `fix` ends any error message."""
+    """Load an HPS checkpoint (`{'state_dict': ...}`) into an open_clip model, strictly; `fix` ends an error message."""
     import open_clip
 
     try:

@@ -140,7 +140,8 @@ def check_metadata(metadata, prompts, config):
         problem = metadata_problem(meta)
         if problem:
             raise PromptError(
-                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} {problem}. "
+                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} "
+                f"{problem}. "
                 f"Use config.prompt_fn='counting' (and config.eval_prompt_fn='eval_counting') "
                 f"or a JSON prompt file of {{'prompt': ..., 'object': ..., 'count': ...}} objects "
                 f"(now config.prompt_fn={config.prompt_fn!r}, config.eval_prompt_fn={config.eval_prompt_fn!r})."
