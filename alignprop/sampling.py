@@ -52,6 +52,7 @@ def ddim_rollout(
     generator=None,
     checkpoint_grad_steps=True,
     nograd_denoise_fn=None,
+    progress=False,
 ):
     """DDIM sampling (Song et al. 2021) where only the last `grad_steps` UNet outputs keep gradients.
 
@@ -64,11 +65,17 @@ def ddim_rollout(
     if not 0 <= grad_steps <= num_steps:
         raise ValueError(f"grad_steps={grad_steps} must be in [0, {num_steps}]")
     cut = num_steps - grad_steps
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, desc="DDIM steps", leave=False)
 
     def step(noise_pred, t, latents):
         variance_noise = None
         if eta > 0:
             variance_noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if progress:
+            bar.update(1)
         return scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
 
     # cached(): parametrized weights (the merged LoRA) are computed once for the whole no-grad prefix.
@@ -81,6 +88,8 @@ def ddim_rollout(
         else:
             noise_pred = denoise_fn(latents, t)
         latents = step(noise_pred, t, latents)
+    if progress:
+        bar.close()
     return latents
 
 
@@ -125,6 +134,7 @@ class SamplingSpec:
     checkpoint_grad_steps: bool = True
     decode_batch_size: int = None
     checkpoint_decode: bool = False
+    progress: bool = False  # a progress bar over the DDIM steps of each rollout
 
 
 def sample_images(
@@ -148,5 +158,6 @@ def sample_images(
         generator=generator,
         checkpoint_grad_steps=spec.checkpoint_grad_steps,
         nograd_denoise_fn=None if nograd_unet is None else nograd_denoise,
+        progress=spec.progress,
     )
     return decode_latents(vae, latents, spec.decode_batch_size, spec.checkpoint_decode)

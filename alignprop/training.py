@@ -51,7 +51,7 @@ class TrainContext:
 
 
 def micro_batch(ctx):
-    """One rollout of `batch_size` samples with gradients; returns (loss, rewards, info, prompts, K)."""
+    """One rollout of `batch_size` samples with gradients; returns (loss, rewards, info, prompts, K, images)."""
     prompts, metadata = zip(*(ctx.prompt_set(ctx.streams.prompts) for _ in range(ctx.batch_size)))
     components = ctx.components
     prompt_embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
@@ -72,7 +72,7 @@ def micro_batch(ctx):
     else:
         rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
     loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
-    return loss, rewards.detach(), info, list(prompts), k
+    return loss, rewards.detach(), info, list(prompts), k, images.detach()
 
 
 def reduce_info(accelerator, infos):
@@ -84,12 +84,13 @@ def reduce_info(accelerator, infos):
     return out
 
 
-def train_step(ctx):
+def train_step(ctx, keep_samples=False):
     """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
 
     A non-finite loss on any process, or non-finite gradients without a GradScaler, skips the update
     (gradients dropped, nothing applied); `nonfinite` counts them. fp16 overflow in the gradients is left
     to the GradScaler, which skips the step and lowers its scale (`skipped` = 1, `nonfinite` = 0).
+    With `keep_samples`, `metrics["samples"]` holds this process's last micro-batch (images, prompts, rewards).
     """
     accelerator = ctx.accelerator
     start = time.perf_counter()
@@ -98,7 +99,7 @@ def train_step(ctx):
     grad_norm = torch.tensor(float("nan"))
     for _ in range(ctx.accumulation_steps):
         with accelerator.accumulate(ctx.unet), accelerator.autocast():
-            loss, rewards, info, batch_prompts, k = micro_batch(ctx)
+            loss, rewards, info, batch_prompts, k, images = micro_batch(ctx)
             finite = torch.isfinite(loss.detach())
             nonfinite += (~finite).float()
             # Backward even when non-finite: under DDP every rank must join the all-reduce.
@@ -123,7 +124,9 @@ def train_step(ctx):
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+    samples = {"images": images.float().cpu(), "prompts": batch_prompts, "rewards": all_rewards[-1].cpu()}
     return {
+        **({"samples": samples} if keep_samples else {}),
         **reduce_info(accelerator, infos),
         "loss": loss.item(),
         "reward_mean": rewards.mean().item(),
@@ -137,9 +140,10 @@ def train_step(ctx):
     }
 
 
-def sampling_spec(config):
+def sampling_spec(config, progress=False):
     """The rollout settings of a config (shared by training, evaluation and the soup evaluation)."""
     return SamplingSpec(
+        progress=progress,
         num_steps=config.sample.num_steps,
         guidance_scale=config.sample.guidance_scale,
         eta=config.sample.eta,
@@ -169,7 +173,7 @@ def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
     streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
     register_hooks(accelerator, components.unet, lora_config)
     accelerator.register_for_checkpointing(streams)
-    spec = sampling_spec(config)
+    spec = sampling_spec(config, progress=config.sample.progress_bar and accelerator.is_main_process)
     ctx = TrainContext(
         accelerator=accelerator,
         unet=unet,

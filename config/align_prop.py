@@ -55,6 +55,8 @@ def base():
     config.log_with = "none"
     # wandb/tensorboard project name.
     config.project_name = "alignprop"
+    # Save (and send to the trackers) a grid of training samples every this many optimizer steps (0: never).
+    config.log_image_freq = 10
 
     config.pretrained = pretrained = ml_collections.ConfigDict()
     # Hub id, local diffusers folder, single .safetensors/.ckpt file, or "tiny" (random tiny models, offline).
@@ -76,6 +78,8 @@ def base():
     sample.eval_batch_size = 8
     # Number of evaluation images (prompts cycled in order, fixed initial noise).
     sample.num_eval_samples = 16
+    # Show a progress bar over the DDIM steps of every rollout (main process only).
+    sample.progress_bar = False
 
     config.train = train = ml_collections.ConfigDict()
     # Samples per GPU in one forward/backward (what fits in memory). Per GPU!
@@ -324,6 +328,7 @@ def tiny():
     config.num_epochs = 4
     config.save_freq = 2
     config.eval_freq = 0
+    config.log_image_freq = 4
     return config
 
 

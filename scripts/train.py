@@ -145,9 +145,16 @@ def train(config):
     nonfinite_streak = 0
     bar = tqdm(total=total_steps, initial=step, desc="optimizer steps", disable=not accelerator.is_main_process)
     while step < total_steps:
-        metrics = train_step(ctx)
+        keep_samples = bool(config.log_image_freq) and (step + 1) % config.log_image_freq == 0
+        metrics = train_step(ctx, keep_samples=keep_samples)
         step += 1
         step_prompts = metrics.pop("prompts")
+        if keep_samples:
+            samples = metrics.pop("samples")
+            if accelerator.is_main_process:
+                grid = image_grid(samples["images"], captions(samples["prompts"], samples["rewards"]))
+                grid.save(run.image_path(f"train_step{step}.png"))
+                log_images(accelerator, "train/samples", grid, step)
         record = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **metrics}
         if accelerator.is_main_process:
             run.log(record)

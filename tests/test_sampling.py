@@ -223,3 +223,12 @@ def test_decode_maps_to_unit_range_once(components):
         raw = components.vae.decode(latents / components.vae.config.scaling_factor).sample
         images = decode_latents(components.vae, latents)
     torch.testing.assert_close(images, (raw / 2 + 0.5).clamp(0, 1))
+
+
+def test_progress_bar_over_ddim_steps(components, capsys):
+    embeds, negative, latents = _inputs(components)
+    spec = SamplingSpec(num_steps=3, guidance_scale=GUIDANCE, eta=0.0, progress=True)
+    with torch.no_grad():
+        sample_images(components.unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0, None)
+    err = capsys.readouterr().err
+    assert "DDIM steps" in err and "0/3" in err  # a bar over the 3 steps (leave=False erases the last frame)

@@ -32,7 +32,8 @@ def test_run_folder_contents(tiny_run):
         assert {"loss", "reward_mean", "reward_std", "k_mean", "seconds", "grad_norm"} <= r.keys()
         assert 1 <= r["k_mean"] <= 8 and r["seconds"] > 0 and r["skipped"] == 0
     assert os.path.getsize(os.path.join(run_dir, "pytorch_lora_weights.safetensors")) > 0
-    for name in ("eval_initial.png", "eval_final.png", "reward.png"):
+    # Training samples every config.log_image_freq=4 steps, evaluation grids, the reward plot.
+    for name in ("eval_initial.png", "eval_final.png", "reward.png", "train_step4.png", "train_step8.png"):
         with Image.open(os.path.join(run_dir, "images", name)) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     final = json.load(open(os.path.join(run_dir, "eval_final.json")))
