@@ -19,6 +19,16 @@ def _load():
 CONFIGS = _load()
 
 
+def _with(config, key, value):
+    """`config` with the dotted `key` set to `value`."""
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return config
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS.EXPERIMENTS))
 def test_every_named_config_builds(name):
     config = CONFIGS.get_config(name)
@@ -63,12 +73,7 @@ def test_paper_settings():
     ],
 )
 def test_bad_values_name_their_key(key, value, needle):
-    config = CONFIGS.get_config("aesthetic")
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    config = _with(CONFIGS.get_config("aesthetic"), key, value)
     with pytest.raises(ConfigError) as e:
         validate(config, num_processes=1)
     assert needle in str(e.value)
@@ -120,12 +125,7 @@ def test_unknown_config_field_is_rejected():
     ],
 )
 def test_more_bad_values_name_key_value_and_what_is_valid(key, value, needle):
-    config = CONFIGS.get_config("aesthetic")
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    config = _with(CONFIGS.get_config("aesthetic"), key, value)
     with pytest.raises(ConfigError) as e:
         validate(config, num_processes=1)
     assert needle in str(e.value)
