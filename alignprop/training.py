@@ -124,7 +124,8 @@ def train_step(ctx, keep_samples=False):
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
-    samples = {"images": images.float().cpu(), "prompts": batch_prompts, "rewards": all_rewards[-1].cpu()}
+    if keep_samples:  # a device-to-host copy: only on the steps that log images
+        samples = {"images": images.float().cpu(), "prompts": batch_prompts, "rewards": all_rewards[-1].cpu()}
     return {
         **({"samples": samples} if keep_samples else {}),
         **reduce_info(accelerator, infos),

@@ -15,7 +15,7 @@ from conftest import SHARED_ASSETS
 REAL_MLP = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
 
 
-@pytest.mark.skipif(not os.path.exists(REAL_MLP), reason="the real LAION MLP file lies in ../shared/assets only here")
+@pytest.mark.skipif(not os.path.exists(REAL_MLP), reason="needs ../shared/assets beside the checkout (present here and in CI; the project downloads the file at run time, it does not ship it)")
 def test_real_mlp_file_loads_strictly():
     state = load_mlp_state_dict(REAL_MLP)
     assert set(state) == {f"layers.{i}.{w}" for i in (0, 2, 4, 6, 7) for w in ("weight", "bias")}

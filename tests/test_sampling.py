@@ -29,18 +29,9 @@ def _inputs(components, batch=2, seed=0):
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 def test_no_grad_sampler_equals_diffusers_pipeline(components, eta):
-    from diffusers import StableDiffusionPipeline
+    from alignprop.generation import build_pipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=components.unet,
-        scheduler=components.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = build_pipeline(components)  # diffusers' own StableDiffusionPipeline: the reference
     pipe.set_progress_bar_config(disable=True)
     embeds, negative, latents = _inputs(components)
     expected = pipe(
