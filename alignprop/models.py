@@ -161,9 +161,24 @@ def set_up_forward(unet, train):
         unet.to(memory_format=torch.channels_last)
 
 
-def nograd_unet(unet, train):
-    """The module that runs the steps without gradients: the UNet itself, or a compiled view of it."""
-    return torch.compile(unet) if train.compile_unet else unet
+def compile_models(components, train):
+    """torch.compile what config.train asks for; returns the module that runs the steps without gradients.
+
+    `compile_grad_steps` compiles the UNet in place, so every call of it (through DDP too, forward and
+    backward) runs compiled; `compile_unet` alone compiles a view used only for the no-grad steps.
+    `compile_decoder` compiles the VAE decoder in place. Compiled code is cached on disk by PyTorch
+    (TORCHINDUCTOR_CACHE_DIR), so a second run of the same shapes compiles much faster.
+    """
+    options = {"mode": train.compile_mode, "backend": train.compile_backend}
+    # Fraction of the activations the compiled backward may keep (1: all the partitioner wants; lower:
+    # it recomputes the cheapest ops, e.g. normalizations and pointwise ops, instead of storing them).
+    torch._functorch.config.activation_memory_budget = train.compile_memory_budget
+    if train.compile_decoder:
+        components.vae.decoder.compile(**options)
+    if train.compile_grad_steps:
+        components.unet.compile(**options)
+        return components.unet
+    return torch.compile(components.unet, **options) if train.compile_unet else components.unet
 
 
 def trainable_parameters(module):

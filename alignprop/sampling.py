@@ -4,9 +4,12 @@ One loop serves training (gradients through the last K UNet calls), evaluation (
 every variant that changes which steps get gradients.
 """
 
+import contextlib
 import dataclasses
+import functools
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
@@ -23,13 +26,33 @@ def guided_unet(unet, prompt_embeds, negative_prompt_embeds, guidance_scale):
 
     def denoise(latents, t):
         model_input = torch.cat([latents, latents]) if do_cfg else latents
-        noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        timestep = timestep_tensor(t, latents.device)
+        noise_pred = unet(model_input, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
         if not do_cfg:
             return noise_pred
         noise_uncond, noise_cond = noise_pred.chunk(2)
         return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
     return denoise
+
+
+def is_compiled(module):
+    """Whether `module` (or the module DDP wraps) runs through torch.compile."""
+    module = getattr(module, "module", module)
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or (
+        getattr(module, "_compiled_call_impl", None) is not None
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def timestep_tensor(t, device):
+    """The int timestep `t` as a 0-d int64 tensor on `device`, made once and reused.
+
+    The UNet then gets the same value diffusers would build from the int, without a host-to-device copy
+    per call, and a compiled UNet sees a tensor input instead of specializing on (and recompiling for)
+    each int.
+    """
+    return torch.tensor(int(t), dtype=torch.int64, device=device)
 
 
 def ddim_timesteps(scheduler, num_steps):
@@ -53,13 +76,17 @@ def ddim_rollout(
     checkpoint_grad_steps=True,
     nograd_denoise_fn=None,
     progress=False,
+    uncheckpointed_steps=0,
+    compiled=False,
 ):
     """DDIM sampling (Song et al. 2021) where only the last `grad_steps` UNet outputs keep gradients.
 
     Truncated backprop (AlignProp, Prabhudesai et al. 2023, Sec. 4): steps 0..T-K-1 run under no_grad
     (no graph, no checkpoint overhead; `nograd_denoise_fn`, if given, is a cheaper denoiser for them),
-    steps T-K..T-1 record a graph, each UNet call optionally checkpointed. With eta > 0 the noise of
-    every step is drawn from `generator`, so the draws do not depend on K.
+    steps T-K..T-1 record a graph, each UNet call optionally checkpointed except the last
+    `uncheckpointed_steps` (their activations are kept: less compute, more memory). With eta > 0 the
+    noise of every step is drawn from `generator`, so the draws do not depend on K. `compiled` says the
+    denoisers run through torch.compile (then the merged-LoRA weights are not cached across steps).
     """
     num_steps = len(timesteps)
     if not 0 <= grad_steps <= num_steps:
@@ -79,15 +106,23 @@ def ddim_rollout(
         return scheduler.step(noise_pred, t, latents, eta=eta, variance_noise=variance_noise).prev_sample
 
     # cached(): parametrized weights (the merged LoRA) are computed once for the whole no-grad prefix.
-    with torch.no_grad(), parametrize.cached():
+    # Not for compiled code, which computes them inside its graph (and would recompile on the cache).
+    cache = contextlib.nullcontext() if compiled else parametrize.cached()
+    with torch.no_grad(), cache, record_function("alignprop.nograd_steps"):
         for t in timesteps[:cut]:
             latents = step((nograd_denoise_fn or denoise_fn)(latents, t), t, latents)
-    for t in timesteps[cut:]:
-        if checkpoint_grad_steps and torch.is_grad_enabled():
-            noise_pred = checkpoint(denoise_fn, latents, t, use_reentrant=False)
-        else:
-            noise_pred = denoise_fn(latents, t)
-        latents = step(noise_pred, t, latents)
+    if grad_steps and torch.is_grad_enabled():
+        # Every grad step then sees a latent that requires grad (as all but the first do anyway): one
+        # compiled graph for all of them. Costs one small input gradient.
+        latents = latents.detach().requires_grad_()
+    last_checkpointed = num_steps - min(uncheckpointed_steps, grad_steps)
+    with record_function("alignprop.grad_steps"):
+        for i, t in enumerate(timesteps[cut:], start=cut):
+            if checkpoint_grad_steps and i < last_checkpointed and torch.is_grad_enabled():
+                noise_pred = checkpoint(denoise_fn, latents, t, use_reentrant=False)
+            else:
+                noise_pred = denoise_fn(latents, t)
+            latents = step(noise_pred, t, latents)
     if progress:
         bar.close()
     return latents
@@ -109,10 +144,11 @@ def decode_latents(vae, latents, batch_size=None, checkpoint_decode=False):
         return vae.decode(z, return_dict=False)[0]
 
     chunks = latents.split(batch_size or len(latents))
-    if checkpoint_decode and torch.is_grad_enabled():
-        images = torch.cat([checkpoint(decode, z, use_reentrant=False) for z in chunks])
-    else:
-        images = torch.cat([decode(z) for z in chunks])
+    with record_function("alignprop.decode"):
+        if checkpoint_decode and torch.is_grad_enabled():
+            images = torch.cat([checkpoint(decode, z, use_reentrant=False) for z in chunks])
+        else:
+            images = torch.cat([decode(z) for z in chunks])
     return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -134,6 +170,7 @@ class SamplingSpec:
     checkpoint_grad_steps: bool = True
     decode_batch_size: int = None
     checkpoint_decode: bool = False
+    uncheckpointed_steps: int = 0  # the last this many grad steps keep their activations (no checkpoint)
     progress: bool = False  # a progress bar over the DDIM steps of each rollout
 
 
@@ -159,5 +196,7 @@ def sample_images(
         checkpoint_grad_steps=spec.checkpoint_grad_steps,
         nograd_denoise_fn=None if nograd_unet is None else nograd_denoise,
         progress=spec.progress,
+        uncheckpointed_steps=spec.uncheckpointed_steps,
+        compiled=is_compiled(nograd_unet if nograd_unet is not None else unet),
     )
     return decode_latents(vae, latents, spec.decode_batch_size, spec.checkpoint_decode)

@@ -4,6 +4,7 @@ import dataclasses
 import time
 
 import torch
+from torch.autograd.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from alignprop.models import encode_prompts, latent_shape
@@ -67,10 +68,11 @@ def micro_batch(ctx):
         ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k,
         ctx.streams.noise, nograd_unet=ctx.nograd_unet,
     )
-    if t.checkpoint_reward:
-        rewards, info = checkpoint(ctx.reward_fn, images, list(prompts), list(metadata), use_reentrant=False)
-    else:
-        rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
+    with record_function("alignprop.reward"):
+        if t.checkpoint_reward:
+            rewards, info = checkpoint(ctx.reward_fn, images, list(prompts), list(metadata), use_reentrant=False)
+        else:
+            rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
     loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
     return loss, rewards.detach(), info, list(prompts), k, images.detach()
 
@@ -103,7 +105,8 @@ def train_step(ctx, keep_samples=False):
             finite = torch.isfinite(loss.detach())
             nonfinite += (~finite).float()
             # Backward even when non-finite: under DDP every rank must join the all-reduce.
-            accelerator.backward(torch.where(finite, loss, torch.zeros_like(loss)))
+            with record_function("alignprop.backward"):
+                accelerator.backward(torch.where(finite, loss, torch.zeros_like(loss)))
             if accelerator.sync_gradients:
                 nonfinite = accelerator.reduce(nonfinite, reduction="sum")
                 if nonfinite.item() == 0:
@@ -111,7 +114,8 @@ def train_step(ctx, keep_samples=False):
                     # The norm of the synced gradients: every rank takes the same decision. With fp16's
                     # GradScaler an inf norm is its normal signal (it skips the step and lowers the scale).
                     if torch.isfinite(grad_norm) or accelerator.scaler is not None:
-                        ctx.optimizer.step()
+                        with record_function("alignprop.optimizer"):
+                            ctx.optimizer.step()
                     else:
                         nonfinite += 1
                 ctx.optimizer.zero_grad(set_to_none=True)
@@ -153,6 +157,7 @@ def sampling_spec(config, progress=False):
         checkpoint_grad_steps=config.train.gradient_checkpointing,
         decode_batch_size=config.train.decode_batch_size,
         checkpoint_decode=config.train.checkpoint_decode,
+        uncheckpointed_steps=config.train.uncheckpointed_steps,
     )
 
 
@@ -163,7 +168,7 @@ def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
     the LoRA gradients.
     """
     from alignprop.checkpoints import register_hooks
-    from alignprop.models import add_lora, nograd_unet, set_up_forward, trainable_parameters
+    from alignprop.models import add_lora, compile_models, set_up_forward, trainable_parameters
     from alignprop.rng import RandomStreams
 
     lora_config = add_lora(components.unet, config.lora.rank, config.lora.alpha)
@@ -190,6 +195,6 @@ def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
         batch_size=plan.batch_size_per_gpu,
         streams=streams,
         negative_prompt_embeds=encode_prompts(components.text_encoder, components.tokenizer, [""]),
-        nograd_unet=nograd_unet(components.unet, config.train),
+        nograd_unet=compile_models(components, config.train),
     )
     return ctx, lora_config

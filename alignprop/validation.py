@@ -13,6 +13,9 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # factor is checked again after loading (models.check_resolution).
 SD_VAE_FACTOR = 8
 LOG_WITH = ("none", "wandb", "tensorboard")
+# torch.compile modes that work with the training step ("reduce-overhead"'s CUDA graphs do not mix with
+# the checkpointed backward).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 def _bad(config, key, why):
@@ -108,6 +111,12 @@ def _problems(config, num_processes):
             f"config.train.k_min={t.k_min!r}, config.train.k_max={t.k_max!r}: need "
             f"1 <= k_min <= k_max <= sample.num_steps={s.num_steps}"
         )
+    if not (isinstance(t.uncheckpointed_steps, int) and t.uncheckpointed_steps >= 0):
+        out.append(bad("train.uncheckpointed_steps", "must be an int >= 0 (0: checkpoint every grad step)"))
+    if not 0 < t.compile_memory_budget <= 1:
+        out.append(bad("train.compile_memory_budget", "must be in (0, 1] (1: keep what the compiler chooses)"))
+    if t.compile_mode not in COMPILE_MODES:
+        out.append(bad("train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}"))
     if t.truncation == "gaussian" and t.cut_std < 0:
         out.append(bad("train.cut_std", "must be >= 0"))
     if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

@@ -102,6 +102,9 @@ def base():
     train.loss_coeff = 0.01
     # Checkpoint each whole UNet call that keeps gradients (recompute in backward; saves memory).
     train.gradient_checkpointing = True
+    # ...except the last this many grad steps, whose activations are kept (one UNet forward less per step,
+    # the memory of one UNet's activations more per step).
+    train.uncheckpointed_steps = 1
     # Also checkpoint inside the UNet's blocks (diffusers' own): halves peak memory (15.5 -> 7.5 GiB at batch 4
     # on an H100, BENCHMARKS.md), costs one more forward per grad step in backward.
     train.checkpoint_unet_blocks = True
@@ -113,10 +116,25 @@ def base():
     train.checkpoint_decode = True
     # Recompute the reward model in backward instead of storing its activations.
     train.checkpoint_reward = False
+    # Let cuDNN time its algorithms for each convolution shape on first use and keep the fastest
+    # (torch.backends.cudnn.benchmark; the shapes of a run are fixed, so this is paid once).
+    train.cudnn_benchmark = True
     # Keep the UNet's convolution weights in channels_last memory format (faster convolutions on GPUs).
     train.channels_last = False
-    # torch.compile the UNet for the steps without gradients (compiled once per shape; slow first step).
-    train.compile_unet = False
+    # torch.compile the UNet for the steps without gradients (compiled once per shape: the first step
+    # takes about 4-5 minutes at SD 1.5 size, then a step is ~1.6x faster; BENCHMARKS.md).
+    train.compile_unet = True
+    # torch.compile the UNet for the steps with gradients too (forward and backward; implies compile_unet).
+    train.compile_grad_steps = True
+    # torch.compile the VAE decoder (forward and backward).
+    train.compile_decoder = True
+    # torch.compile mode ("default", "max-autotune-no-cudagraphs", ...) and backend ("inductor"; "aot_eager"
+    # traces without generating kernels, for tests).
+    train.compile_mode = "default"
+    # Share of its activations a compiled UNet step keeps for backward (1.0: PyTorch's default; lower
+    # values recompute cheap ops in backward, a finer-grained alternative to checkpoint_unet_blocks).
+    train.compile_memory_budget = 1.0
+    train.compile_backend = "inductor"
     # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
     # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
     train.truncation = "uniform"
@@ -306,6 +324,8 @@ def tiny():
     config = aesthetic()
     config.logdir = "logs/tiny"
     config.mixed_precision = "no"
+    # No torch.compile on the CPU: minutes of compilation for a run of seconds.
+    config.train.compile_unet = config.train.compile_grad_steps = config.train.compile_decoder = False
     config.pretrained.model = "tiny"
     # Every reward model tiny, so that `--config.reward_fn=NAME` (or a weighted sum) runs offline for any reward.
     config.reward.aesthetic.clip_model = "tiny"

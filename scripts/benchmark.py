@@ -17,15 +17,20 @@ import time
 import torch
 
 
-def sd15_components(seed=0):
-    """SD 1.5 architectures (runwayml/stable-diffusion-v1-5 configs) with random weights."""
+def sd15_components(seed=0, device="cpu"):
+    """SD 1.5 architectures (runwayml/stable-diffusion-v1-5 configs) with random weights, built on `device`."""
+    torch.manual_seed(seed)
+    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
+        return _sd15_components()
+
+
+def _sd15_components():
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from alignprop.models import Components
     from alignprop.tiny import SD15_SCHEDULER_CONFIG, clip_tokenizer
 
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
@@ -48,13 +53,15 @@ def vit_l14_aesthetic(device, dtype):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from alignprop.rewards.aesthetic import AestheticMLP, AestheticScorer, as_reward_fn
+    from alignprop.rewards.loading import prepare_scorer
 
     config = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
         patch_size=14, projection_dim=768, hidden_act="quick_gelu",
     )
-    scorer = AestheticScorer(CLIPVisionModelWithProjection(config), AestheticMLP(768))
-    return as_reward_fn(scorer.to(device, dtype=dtype))
+    with torch.device(device):
+        scorer = AestheticScorer(CLIPVisionModelWithProjection(config), AestheticMLP(768))
+    return as_reward_fn(prepare_scorer(scorer, device, dtype))
 
 
 def load_experiment(name):
@@ -76,6 +83,80 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
+def lora_grads_of_one_rollout(ctx, k, seed=1234):
+    """Images, rewards and LoRA gradients of one micro-batch with fixed K from a fixed seed."""
+    from alignprop.rng import RandomStreams
+    from alignprop.training import micro_batch
+
+    ctx.train.truncation, ctx.train.k = "fixed", k
+    ctx.streams = RandomStreams(seed, 0, ctx.accelerator.device)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with ctx.accelerator.autocast():
+        loss, rewards, _, _, _, images = micro_batch(ctx)
+    ctx.accelerator.backward(loss)
+    grads = torch.cat([p.grad.detach().float().flatten() for p in ctx.params])
+    ctx.optimizer.zero_grad(set_to_none=True)
+    return images.float(), rewards.float(), grads
+
+
+def compare_with_eager(ctx, k):
+    """How far the compiled step is from the same step run eagerly (torch.compiler's force_eager stance).
+
+    The noise floor beside it: the eager step against itself with other cuDNN kernels (benchmark mode
+    flipped), i.e. what rounding alone does to these numbers in this precision.
+    """
+
+    def differences(a, b):
+        (images, rewards, grads), (images_ref, rewards_ref, grads_ref) = a, b
+        return {
+            "images_max_abs_diff": (images - images_ref).abs().max().item(),
+            "rewards_max_abs_diff": (rewards - rewards_ref).abs().max().item(),
+            "grad_rel_diff": ((grads - grads_ref).norm() / grads_ref.norm()).item(),
+            "grad_cosine": torch.nn.functional.cosine_similarity(grads, grads_ref, dim=0).item(),
+        }
+
+    compiled = lora_grads_of_one_rollout(ctx, k)
+    with torch.compiler.set_stance("force_eager"):
+        eager = lora_grads_of_one_rollout(ctx, k)
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        eager_other_kernels = lora_grads_of_one_rollout(ctx, k)
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+    return {
+        "k": k,
+        "reward_scale": eager[1].abs().max().item(),
+        "compiled_vs_eager": differences(compiled, eager),
+        "eager_vs_eager_other_kernels": differences(eager_other_kernels, eager),
+    }
+
+
+def profile_step(ctx, path):
+    """One training step under torch.profiler: the table of ops and the time of each phase of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        train_step_synced(ctx)
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                             row_limit=60, max_name_column_width=80))
+    phases = {}
+    for event in events:
+        if event.key.startswith("alignprop."):
+            device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            old = phases.get(event.key, (0.0, 0.0))
+            phases[event.key] = (max(old[0], event.cpu_time_total / 1e6), max(old[1], device_us / 1e6))
+    return {key: {"cpu_s": cpu, "device_s": dev} for key, (cpu, dev) in sorted(phases.items())}
+
+
+def train_step_synced(ctx):
+    from alignprop.training import train_step
+
+    metrics = train_step(ctx)
+    sync()
+    return metrics
+
+
 def parse_value(text):
     for cast in (int, float):
         try:
@@ -92,20 +173,28 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--total-batch", type=int, default=None,
                     help="samples per optimizer step over all processes (default: batch x processes)")
-    ap.add_argument("--iters", type=int, default=3, help="timed steps per K (after one warm-up step)")
+    ap.add_argument("--iters", type=int, default=3,
+                    help="timed steps per K after one warm-up step (0: time the warm-up step itself)")
     ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "no"])
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, e.g. train.merged_lora=False")
     ap.add_argument("--label", default="alignprop")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (a CPU smoke test of this script)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one step of the first K (phase times in the JSON, op table in OUT/profile_LABEL.txt)")
+    ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
+                    help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
+                         "compiled vs eager")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
 
     from accelerate import Accelerator
 
     from alignprop.models import freeze_and_cast, inference_dtype
     from alignprop.plan import make_batch_plan
     from alignprop.prompts import make_prompt_set
-    from alignprop.training import make_context, train_step
+    from alignprop.training import make_context
+
     config = load_experiment("aesthetic")
     config.mixed_precision = args.precision
     config.sample.num_steps = args.steps
@@ -117,20 +206,26 @@ def main():
         for p in parents:
             node = node[p]
         node[leaf] = parse_value(value)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device, dtype = accelerator.device, inference_dtype(config.mixed_precision)
     if args.tiny:
         from alignprop.models import Components
-        from alignprop.rewards.aesthetic import AestheticScorer, as_reward_fn, build_scorer
+        from alignprop.rewards.aesthetic import as_reward_fn, build_scorer
+        from alignprop.rewards.loading import prepare_scorer
         from alignprop.tiny import build_tiny_components
 
         components = Components(**build_tiny_components())
+        # A CPU smoke test: no torch.compile unless asked for with --set (minutes of compilation on the CPU).
+        for key in ("compile_unet", "compile_grad_steps", "compile_decoder"):
+            if not any(item.startswith(f"train.{key}=") for item in args.set):
+                config.train[key] = False
         config.reward.aesthetic.clip_model = "tiny"
-        reward_fn = as_reward_fn(build_scorer(config.reward.aesthetic).to(device, dtype=dtype))
+        reward_fn = as_reward_fn(prepare_scorer(build_scorer(config.reward.aesthetic), device, dtype))
     else:
-        components = sd15_components()
+        components = sd15_components(device=device)
         reward_fn = vit_l14_aesthetic(device, dtype)
     freeze_and_cast(components, device, dtype)
     n = accelerator.num_processes
@@ -153,21 +248,29 @@ def main():
         else:
             config.train.truncation, config.train.k = "fixed", int(k)
         try:
-            train_step(ctx)  # warm-up
-            sync()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            times = []
+            start = time.perf_counter()
+            metrics = train_step_synced(ctx)  # warm-up (and compilation, with torch.compile on)
+            first = time.perf_counter() - start
+            times = [first]  # --iters 0: the warm-up step alone (its peak includes cuDNN's algorithm search)
+            if args.iters and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            if args.iters:
+                times = []
             for _ in range(args.iters):
                 start = time.perf_counter()
-                metrics = train_step(ctx)
-                sync()
+                metrics = train_step_synced(ctx)
                 times.append(time.perf_counter() - start)
             median = statistics.median(times)
             row = {
-                "s_per_step_median": median, "s_all": times, "peak_GiB": peak_gib(),
+                "s_per_step_median": median, "s_all": times, "peak_GiB": peak_gib(), "first_step_s": first,
                 "images_per_s": total / median, "finite": bool(torch.isfinite(torch.tensor(metrics["loss"]))),
             }
+            if args.profile and "profile" not in results:
+                path = os.path.join(args.out, f"profile_{args.label}.txt")
+                results["profile"] = {"k": k, "table": path, "phases": profile_step(ctx, path)}
+                print("profile", json.dumps(results["profile"]), flush=True)
         except torch.cuda.OutOfMemoryError:
             row = {"error": "OOM"}
             ctx.optimizer.zero_grad(set_to_none=True)
@@ -175,6 +278,10 @@ def main():
         results["k"][k] = row
         if accelerator.is_main_process:
             print(f"K={k}", json.dumps(row), flush=True)
+
+    if args.compare_eager:
+        results["compiled_vs_eager"] = compare_with_eager(ctx, args.compare_eager)
+        print("compiled_vs_eager", json.dumps(results["compiled_vs_eager"]), flush=True)
 
     # Gradient sync check: the LoRA weights must be bit-identical on every rank.
     flat = torch.cat([p.detach().float().flatten() for p in ctx.params])
@@ -186,21 +293,23 @@ def main():
     # One no-grad UNet forward on the CFG batch (merged LoRA as in the prefix) and its FLOPs.
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = components.unet
+    from alignprop.sampling import timestep_tensor
+
+    unet, fwd_unet, t = components.unet, ctx.nograd_unet, timestep_tensor(500, device)
     size, width = unet.config.sample_size, unet.config.cross_attention_dim
     latents = torch.randn(2 * args.batch, unet.config.in_channels, size, size, device=device, dtype=dtype)
     embeds = torch.randn(2 * args.batch, 77, width, device=device, dtype=dtype)
     with torch.no_grad(), accelerator.autocast(), torch.nn.utils.parametrize.cached():
         for _ in range(3):
-            unet(latents, 500, encoder_hidden_states=embeds)
+            fwd_unet(latents, t, encoder_hidden_states=embeds)
         sync()
         start = time.perf_counter()
         for _ in range(10):
-            unet(latents, 500, encoder_hidden_states=embeds)
+            fwd_unet(latents, t, encoder_hidden_states=embeds)
         sync()
         fwd = (time.perf_counter() - start) / 10
-        with FlopCounterMode(display=False) as counter:
-            unet(latents, 500, encoder_hidden_states=embeds)
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+            unet(latents, t, encoder_hidden_states=embeds)
     tflop = counter.get_total_flops() / 1e12
     results.update(unet_fwd_cfg_batch_s=fwd, unet_fwd_cfg_batch_tflop=tflop, unet_fwd_tflops_per_s=tflop / fwd)
     print(json.dumps(results, indent=1), flush=True)

@@ -96,6 +96,7 @@ def train(config):
         accelerator.init_trackers(config.project_name, config=flat_config(config))
     torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
     torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
     dtype = models.inference_dtype(config.mixed_precision)

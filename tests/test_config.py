@@ -122,6 +122,9 @@ def test_unknown_config_field_is_rejected():
         ("sample.eval_batch_size", 0, "config.sample.eval_batch_size=0: must be >= 1"),
         ("train.learning_rate", 0.0, "config.train.learning_rate=0.0: must be > 0"),
         ("train.k_min", 0, "config.train.k_min=0"),
+        ("train.uncheckpointed_steps", -1, "config.train.uncheckpointed_steps=-1: must be an int >= 0"),
+        ("train.compile_memory_budget", 0.0, "config.train.compile_memory_budget=0.0: must be in (0, 1]"),
+        ("train.compile_mode", "reduce-overhead", "must be one of default, max-autotune-no-cudagraphs"),
     ],
 )
 def test_more_bad_values_name_key_value_and_what_is_valid(key, value, needle):

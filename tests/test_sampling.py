@@ -96,9 +96,11 @@ def _lora_grads(unet, loss):
     return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
 
 
-def _our_grads(components, grad_steps, checkpoint):
+def _our_grads(components, grad_steps, checkpoint, **spec_options):
     embeds, negative, latents = _inputs(components)
-    spec = SamplingSpec(num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint)
+    spec = SamplingSpec(
+        num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint, **spec_options
+    )
     images = sample_images(
         components.unet, components.vae, components.scheduler, embeds, negative, latents, spec, grad_steps, None
     )
@@ -142,6 +144,48 @@ def test_truncated_gradient_equals_autograd_with_detached_prefix(lora_components
     _assert_grads_close(ours, ref)
 
 
+@pytest.mark.parametrize("uncheckpointed", [1, 3])
+def test_uncheckpointed_last_steps_give_the_same_gradient(lora_components, uncheckpointed):
+    ours = _our_grads(lora_components, 3, True, uncheckpointed_steps=uncheckpointed)
+    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - 3)
+    _assert_grads_close(ours, ref)
+
+
+def test_compiled_unet_and_decoder_give_the_same_gradient(lora_components):
+    """torch.compile of the UNet (every call, grad and no-grad) and of the VAE decoder, through the same
+    checkpointing as training (whole calls, the uncheckpointed last step, the decoder per image).
+
+    The "aot_eager" backend traces the graphs that inductor would compile (Dynamo capture, AOTAutograd's
+    joint forward/backward and partition) without generating kernels, so this runs in seconds on a CPU;
+    inductor's own kernels are compared against eager on the GPU by `scripts/benchmark.py --compare-eager`.
+    """
+    import torch._dynamo
+
+    from alignprop.sampling import is_compiled
+
+    options = dict(uncheckpointed_steps=1, checkpoint_decode=True, decode_batch_size=1)
+    torch._dynamo.reset()
+    try:
+        lora_components.unet.compile(backend="aot_eager")
+        lora_components.vae.decoder.compile(backend="aot_eager")
+        assert is_compiled(lora_components.unet)
+        ours = _our_grads(lora_components, 3, True, **options)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 3, "the UNet (with and without grad) and the decoder should each have been captured"
+    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - 3)
+    _assert_grads_close(ours, ref)
+
+
+def test_timestep_tensors_are_made_once():
+    from alignprop.sampling import timestep_tensor
+
+    t = timestep_tensor(981, torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.ndim == 0 and int(t) == 981
+    assert timestep_tensor(981, torch.device("cpu")) is t
+
+
 def test_truncation_changes_the_gradient(lora_components):
     """Guard against a reference that ignores K: K=1 and K=T give different gradients."""
     g1 = _our_grads(lora_components, 1, False)
@@ -173,19 +217,24 @@ class _CountingUNet(torch.nn.Module):
         return out
 
 
-@pytest.mark.parametrize("k,checkpoint", [(1, False), (2, False), (NUM_STEPS, False), (2, True)])
-def test_exactly_the_last_k_unet_calls_receive_gradient(lora_components, k, checkpoint):
+@pytest.mark.parametrize(
+    "k,checkpoint,uncheckpointed", [(1, False, 0), (2, False, 0), (NUM_STEPS, False, 0), (2, True, 0), (3, True, 1)]
+)
+def test_exactly_the_last_k_unet_calls_receive_gradient(lora_components, k, checkpoint, uncheckpointed):
     counting = _CountingUNet(lora_components.unet)
     embeds, negative, latents = _inputs(lora_components)
-    spec = SamplingSpec(num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint)
+    spec = SamplingSpec(
+        num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint,
+        uncheckpointed_steps=uncheckpointed,
+    )
     images = sample_images(
         counting, lora_components.vae, lora_components.scheduler, embeds, negative, latents, spec, k, None
     )
     assert len(counting.calls) == NUM_STEPS
     forward_calls = list(counting.calls)
     _reward(images).sum().backward()
-    # Checkpointing re-runs the last K calls in backward (recomputation), and nothing else.
-    assert len(counting.calls) == NUM_STEPS + (k if checkpoint else 0)
+    # Checkpointing re-runs the last K calls in backward (recomputation), except the uncheckpointed last ones.
+    assert len(counting.calls) == NUM_STEPS + (k - uncheckpointed if checkpoint else 0)
     got = [c["got_grad"] for c in forward_calls]
     enabled = [c["grad_enabled"] for c in forward_calls]
     expected = [i >= NUM_STEPS - k for i in range(NUM_STEPS)]

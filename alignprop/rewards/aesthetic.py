@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from alignprop.errors import library_message
-from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained, prepare_scorer
 from alignprop.rewards.preprocess import clip_preprocess
 
 
@@ -119,4 +119,4 @@ def as_reward_fn(scorer):
 
 
 def make(config, device, dtype):
-    return as_reward_fn(build_scorer(config.reward.aesthetic, seed=config.seed).to(device, dtype=dtype))
+    return as_reward_fn(prepare_scorer(build_scorer(config.reward.aesthetic, seed=config.seed), device, dtype))

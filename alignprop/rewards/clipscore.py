@@ -11,7 +11,7 @@
 import torch
 from torch import nn
 
-from alignprop.rewards.loading import load_pretrained
+from alignprop.rewards.loading import load_pretrained, prepare_scorer
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 TINY = "tiny"
@@ -89,7 +89,7 @@ def build_scorer(cfg, key, use_logit_scale, seed=0):
 
 
 def _make(config, device, dtype, key, use_logit_scale):
-    scorer = build_scorer(config.reward[key], key, use_logit_scale, seed=config.seed).to(device, dtype=dtype)
+    scorer = prepare_scorer(build_scorer(config.reward[key], key, use_logit_scale, seed=config.seed), device, dtype)
 
     def reward_fn(images, prompts, metadata):
         return scorer(images, prompts).float(), {}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from alignprop.errors import ConfigError, library_message
-from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, prepare_scorer
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 TINY = "tiny"
@@ -112,7 +112,7 @@ def _fix(cfg, key):
 
 
 def _make(config, device, dtype, key):
-    scorer = build_scorer(config.reward[key], key, seed=config.seed).to(device, dtype=dtype)
+    scorer = prepare_scorer(build_scorer(config.reward[key], key, seed=config.seed), device, dtype)
 
     def reward_fn(images, prompts, metadata):
         return scorer(images, prompts).float(), {}

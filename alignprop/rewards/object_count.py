@@ -25,7 +25,7 @@ from torch import nn
 
 from alignprop.errors import ConfigError
 from alignprop.prompts import PromptError
-from alignprop.rewards.loading import load_pretrained
+from alignprop.rewards.loading import load_pretrained, prepare_scorer
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
 TINY = "tiny"
@@ -153,7 +153,7 @@ def make(config, device, dtype):
     cfg = config.reward.object_count
     if "{}" not in cfg.query:
         raise ConfigError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
-    counter = build_counter(cfg, seed=config.seed).to(device, dtype=dtype)
+    counter = prepare_scorer(build_counter(cfg, seed=config.seed), device, dtype)
 
     def reward_fn(images, prompts, metadata):
         objects, counts = check_metadata(metadata, prompts, config)
