@@ -7,7 +7,6 @@ current A and B at every access, so checkpoint recomputation of any granularity 
 peft keeps owning the adapter (config, state dict, saving): only its forward is switched.
 """
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 

@@ -83,11 +83,12 @@ def _single_file_error(path, error, key):
     )
 
 
-def load_components(model, revision=None, seed=0):
+def load_components(model, revision=None, seed=0, random_weights=False, device=None):
     """Components of an SD 1.x/2.x checkpoint: hub id, local diffusers folder, single file, or 'tiny'.
 
     The scheduler is always DDIM built from the checkpoint's own scheduler config, never from
-    `DDIMScheduler()` defaults (linear betas, clip_sample=True: wrong for SD).
+    `DDIMScheduler()` defaults (linear betas, clip_sample=True: wrong for SD). With `random_weights`,
+    SD 1.5's architecture with seeded random weights is built on `device` instead (nothing is read).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -95,6 +96,10 @@ def load_components(model, revision=None, seed=0):
         from alignprop.tiny import build_tiny_components
 
         return Components(**build_tiny_components(seed))
+    if random_weights:
+        from alignprop.random_init import build_sd15_components
+
+        return Components(**build_sd15_components(seed, device))
 
     key = "config.pretrained.model"
     if os.path.splitext(model)[1] in (".safetensors", ".ckpt"):
@@ -166,9 +171,14 @@ def compile_models(components, train):
 
     `compile_grad_steps` compiles the UNet in place, so every call of it (through DDP too, forward and
     backward) runs compiled; `compile_unet` alone compiles a view used only for the no-grad steps.
-    `compile_decoder` compiles the VAE decoder in place. Compiled code is cached on disk by PyTorch
-    (TORCHINDUCTOR_CACHE_DIR), so a second run of the same shapes compiles much faster.
+    `compile_decoder` compiles the VAE decoder in place. PyTorch caches compiled code on disk
+    (TORCHINDUCTOR_CACHE_DIR) for later runs of the same shapes. On the CPU, inductor is skipped.
     """
+    device = next(components.unet.parameters()).device
+    if device.type == "cpu" and train.compile_backend == "inductor":
+        # Minutes of C++ compilation for little gain: the compile switches are for GPUs.
+        logger.info("torch.compile skipped on the CPU (config.train.compile_*)")
+        return components.unet
     options = {"mode": train.compile_mode, "backend": train.compile_backend}
     # Fraction of the activations the compiled backward may keep (1: all the partitioner wants; lower:
     # it recomputes the cheapest ops, e.g. normalizations and pointwise ops, instead of storing them).

@@ -86,6 +86,21 @@ def reduce_info(accelerator, infos):
     return out
 
 
+def lora_in_sync(accelerator, params):
+    """Whether the trained parameters are bit-identical on every process (DDP keeps them so)."""
+    flat = torch.cat([p.detach().float().flatten() for p in params])
+    gathered = accelerator.gather(flat[None])
+    return bool((gathered == gathered[0]).all())
+
+
+def gpu_peak_gib(accelerator):
+    """The largest peak of allocated GPU memory over the processes (GiB), or None without CUDA."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
+    return accelerator.gather(peak).max().item()
+
+
 def train_step(ctx, keep_samples=False):
     """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
 
@@ -128,6 +143,7 @@ def train_step(ctx, keep_samples=False):
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+    peak = gpu_peak_gib(accelerator)
     if keep_samples:  # a device-to-host copy: only on the steps that log images
         samples = {"images": images.float().cpu(), "prompts": batch_prompts, "rewards": all_rewards[-1].cpu()}
     return {
@@ -141,6 +157,7 @@ def train_step(ctx, keep_samples=False):
         "nonfinite": int(nonfinite.item()),
         "skipped": int(skipped),
         "seconds": time.perf_counter() - start,
+        **({"gpu_peak_gib": peak} if peak is not None else {}),
         "prompts": prompts,
     }
 

@@ -16,6 +16,8 @@ LOG_WITH = ("none", "wandb", "tensorboard")
 # torch.compile modes that work with the training step ("reduce-overhead"'s CUDA graphs do not mix with
 # the checkpointed backward).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# Rewards whose full-size architecture config is not shipped with the code (config.random_weights).
+RANDOM_WEIGHTS_UNSUPPORTED = ("clipscore", "pickscore", "object_count")
 
 
 def _bad(config, key, why):
@@ -181,7 +183,15 @@ def _reward_problems(config):
     if {"compressibility", "incompressibility"} & set(names):
         quality = r.compressibility.quality
         checks.append(("reward.compressibility.quality", 1 <= quality <= 100, "must be a JPEG quality in [1, 100]"))
-    return [_bad(config, key, why) for key, ok, why in checks if not ok]
+    problems = [_bad(config, key, why) for key, ok, why in checks if not ok]
+    no_random = [n for n in names if n in RANDOM_WEIGHTS_UNSUPPORTED and r[n].model != "tiny"]
+    if config.random_weights and no_random:
+        problems.append(
+            f"config.random_weights=True: the reward(s) {', '.join(no_random)} have no built-in architecture to "
+            f"initialize randomly (supported: aesthetic, hps, hps_v21, compressibility, incompressibility, or "
+            f"model='tiny'); set config.reward_fn to one of those or config.random_weights=False"
+        )
+    return problems
 
 
 def _unwritable(path):

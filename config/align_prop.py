@@ -58,6 +58,12 @@ def base():
     # Save (and send to the trackers) a grid of training samples every this many optimizer steps (0: never).
     config.log_image_freq = 10
 
+    # Build every model from its architecture with random weights instead of loading it (nothing is
+    # downloaded): SD 1.5 whatever pretrained.model says, CLIP ViT-L/14 for aesthetic, the open_clip
+    # architecture for hps/hps_v21. Same compute and memory as the real run: for speed, memory and
+    # multi-GPU checks on machines without the weights.
+    config.random_weights = False
+
     config.pretrained = pretrained = ml_collections.ConfigDict()
     # Hub id, local diffusers folder, single .safetensors/.ckpt file, or "tiny" (random tiny models, offline).
     pretrained.model = "runwayml/stable-diffusion-v1-5"

@@ -17,53 +17,6 @@ import time
 import torch
 
 
-def sd15_components(seed=0, device="cpu"):
-    """SD 1.5 architectures (runwayml/stable-diffusion-v1-5 configs) with random weights, built on `device`."""
-    torch.manual_seed(seed)
-    with torch.device(device):  # random init on the GPU: seconds instead of a minute on the CPU
-        return _sd15_components()
-
-
-def _sd15_components():
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from alignprop.models import Components
-    from alignprop.tiny import SD15_SCHEDULER_CONFIG, clip_tokenizer
-
-    unet = UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=512,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        )
-    )
-    return Components(unet, vae, text_encoder, clip_tokenizer(), DDIMScheduler(**SD15_SCHEDULER_CONFIG))
-
-
-def vit_l14_aesthetic(device, dtype):
-    """The aesthetic scorer with a CLIP ViT-L/14 (openai/clip-vit-large-patch14) tower, random weights."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from alignprop.rewards.aesthetic import AestheticMLP, AestheticScorer, as_reward_fn
-    from alignprop.rewards.loading import prepare_scorer
-
-    config = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-        patch_size=14, projection_dim=768, hidden_act="quick_gelu",
-    )
-    with torch.device(device):
-        scorer = AestheticScorer(CLIPVisionModelWithProjection(config), AestheticMLP(768))
-    return as_reward_fn(prepare_scorer(scorer, device, dtype))
-
-
 def load_experiment(name):
     import importlib.util
 
@@ -193,7 +146,8 @@ def main():
     from alignprop.models import freeze_and_cast, inference_dtype
     from alignprop.plan import make_batch_plan
     from alignprop.prompts import make_prompt_set
-    from alignprop.training import make_context
+    from alignprop.random_init import build_sd15_components
+    from alignprop.training import lora_in_sync, make_context
 
     config = load_experiment("aesthetic")
     config.mixed_precision = args.precision
@@ -218,15 +172,15 @@ def main():
         from alignprop.tiny import build_tiny_components
 
         components = Components(**build_tiny_components())
-        # A CPU smoke test: no torch.compile unless asked for with --set (minutes of compilation on the CPU).
-        for key in ("compile_unet", "compile_grad_steps", "compile_decoder"):
-            if not any(item.startswith(f"train.{key}=") for item in args.set):
-                config.train[key] = False
         config.reward.aesthetic.clip_model = "tiny"
         reward_fn = as_reward_fn(prepare_scorer(build_scorer(config.reward.aesthetic), device, dtype))
-    else:
-        components = sd15_components(device=device)
-        reward_fn = vit_l14_aesthetic(device, dtype)
+    else:  # SD 1.5 and CLIP ViT-L/14's aesthetic scorer, random weights built on the GPU
+        from alignprop.models import Components
+        from alignprop.rewards import make_reward_fn
+
+        config.random_weights = True
+        components = Components(**build_sd15_components(device=device))
+        reward_fn = make_reward_fn(config, device, dtype)
     freeze_and_cast(components, device, dtype)
     n = accelerator.num_processes
     total = args.total_batch or args.batch * n
@@ -284,9 +238,7 @@ def main():
         print("compiled_vs_eager", json.dumps(results["compiled_vs_eager"]), flush=True)
 
     # Gradient sync check: the LoRA weights must be bit-identical on every rank.
-    flat = torch.cat([p.detach().float().flatten() for p in ctx.params])
-    gathered = accelerator.gather(flat[None])
-    results["lora_identical_across_ranks"] = bool((gathered == gathered[0]).all())
+    results["lora_identical_across_ranks"] = lora_in_sync(accelerator, ctx.params)
     if not accelerator.is_main_process:
         return
 

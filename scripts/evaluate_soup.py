@@ -72,7 +72,10 @@ def main(_):
 
     # The base model as training loads it (the same seed, so `--model tiny` runs get the same random weights).
     dtype = models.inference_dtype(config.mixed_precision)
-    components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
+    components = models.load_components(
+        config.pretrained.model, config.pretrained.revision, seed=config.seed,
+        random_weights=config.random_weights, device=accelerator.device,
+    )
     models.check_resolution(components, config.sample.height, config.sample.width)
     models.freeze_and_cast(components, accelerator.device, dtype)
     names = soup.load_soup(components.unet, files)

@@ -20,7 +20,7 @@ from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward
 from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
-from alignprop.training import make_context, train_step
+from alignprop.training import lora_in_sync, make_context, train_step
 from alignprop.validation import check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
@@ -100,7 +100,10 @@ def train(config):
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
     dtype = models.inference_dtype(config.mixed_precision)
-    components = models.load_components(config.pretrained.model, config.pretrained.revision, seed=config.seed)
+    components = models.load_components(
+        config.pretrained.model, config.pretrained.revision, seed=config.seed,
+        random_weights=config.random_weights, device=accelerator.device,
+    )
     models.check_resolution(components, config.sample.height, config.sample.width)
     models.freeze_and_cast(components, accelerator.device, dtype)
     reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
@@ -193,6 +196,11 @@ def train(config):
     stop.restore()
 
     run_eval("eval_final")
+    if accelerator.num_processes > 1:
+        if lora_in_sync(accelerator, ctx.params):
+            logging.info("LoRA weights are bit-identical on all %d processes", accelerator.num_processes)
+        else:
+            logging.error("LoRA weights differ between processes: gradients were not synchronized")
     if accelerator.is_main_process:
         checkpoints.save_lora(components.unet, lora_config, run_dir)
         plot_rewards(run.read_metrics(), run.image_path("reward.png"))

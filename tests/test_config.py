@@ -243,3 +243,13 @@ def test_script_stops_on_precision_the_cpu_lacks(tmp_path):
     assert "config.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on the CPU." in result.stderr
     assert "Traceback" not in result.stderr
     assert not os.listdir(tmp_path)  # stopped before the run folder was made
+
+
+def test_random_weights_names_the_rewards_it_cannot_build():
+    config = CONFIGS.get_config("aesthetic")
+    config.random_weights = True
+    validate(config, num_processes=1)  # aesthetic: supported
+    config.reward_fn = "aesthetic:1,pickscore:1"
+    with pytest.raises(ConfigError) as e:
+        validate(config, num_processes=1)
+    assert "config.random_weights=True" in str(e.value) and "pickscore" in str(e.value)

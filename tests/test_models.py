@@ -162,3 +162,26 @@ def test_resolution_error_says_what_would_fit():
     with pytest.raises(ConfigError, match=rf"config.sample.width={4 * factor + 1} is not a multiple .* {factor}; "
                                           rf"use e.g. {4 * factor} or {5 * factor}"):
         models.check_resolution(comps, None, 4 * factor + 1)
+
+
+@pytest.mark.parametrize("backend,grad_steps,compiled", [("inductor", True, False), ("aot_eager", True, True),
+                                                         ("aot_eager", False, True)])
+def test_compile_switches(components, backend, grad_steps, compiled):
+    """Inductor is skipped on the CPU; otherwise the UNet is compiled in place (grad steps too) or as a view."""
+    import ml_collections
+    import torch._dynamo
+
+    from alignprop.models import compile_models
+    from alignprop.sampling import is_compiled
+
+    train = ml_collections.ConfigDict(dict(
+        compile_unet=True, compile_grad_steps=grad_steps, compile_decoder=True, compile_mode="default",
+        compile_backend=backend, compile_memory_budget=1.0,
+    ))
+    try:
+        nograd = compile_models(components, train)
+        assert is_compiled(nograd) == compiled
+        assert is_compiled(components.unet) == (compiled and grad_steps)  # in place only for the grad steps
+        assert is_compiled(components.vae.decoder) == compiled
+    finally:
+        torch._dynamo.reset()

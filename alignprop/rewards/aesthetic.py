@@ -86,9 +86,17 @@ class AestheticScorer(nn.Module):
         return self.mlp(embeds).squeeze(-1)
 
 
-def build_scorer(cfg, seed=0):
-    """The scorer named by `config.reward.aesthetic` (`clip_model='tiny'` gives a random tiny one)."""
+def build_scorer(cfg, seed=0, random_weights=False, device=None):
+    """The scorer named by `config.reward.aesthetic` (`clip_model='tiny'` gives a random tiny one;
+    `random_weights`: CLIP ViT-L/14's architecture and the MLP with random weights on `device`, nothing read)."""
     from transformers import CLIPVisionModelWithProjection
+
+    if random_weights and cfg.clip_model != "tiny":
+        from alignprop.random_init import build_vit_l14_vision
+
+        vision = build_vit_l14_vision(seed, device)
+        with torch.device(device or "cpu"):
+            return AestheticScorer(vision, AestheticMLP(vision.config.projection_dim))
 
     if cfg.clip_model == "tiny":
         from alignprop.tiny import tiny_clip_vision_config
@@ -119,4 +127,5 @@ def as_reward_fn(scorer):
 
 
 def make(config, device, dtype):
-    return as_reward_fn(prepare_scorer(build_scorer(config.reward.aesthetic, seed=config.seed), device, dtype))
+    scorer = build_scorer(config.reward.aesthetic, config.seed, config.get("random_weights", False), device)
+    return as_reward_fn(prepare_scorer(scorer, device, dtype))

@@ -78,8 +78,9 @@ def load_hps_checkpoint(model, path, fix=""):
         ) from e
 
 
-def build_scorer(cfg, key, seed=0):
-    """The scorer named by `config.reward.<key>`: open_clip `cfg.model` + the HPS checkpoint ('tiny': random)."""
+def build_scorer(cfg, key, seed=0, random_weights=False, device=None):
+    """The scorer named by `config.reward.<key>`: open_clip `cfg.model` + the HPS checkpoint ('tiny': random;
+    `random_weights`: the architecture with seeded random weights built on `device`, no checkpoint read)."""
     import open_clip
 
     if cfg.model == TINY:
@@ -95,6 +96,10 @@ def build_scorer(cfg, key, seed=0):
             f"config.reward.{key}.model={cfg.model!r} is not an open_clip architecture "
             f"(HPSv2 uses 'ViT-H-14'; 'tiny' builds a random tiny model); known: {', '.join(open_clip.list_models())}."
         )
+    if random_weights:
+        torch.manual_seed(seed)
+        model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True, device=device or "cpu")
+        return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
     # Weights first: offline, fail before building a 1B-parameter model.
     path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
     # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
@@ -112,7 +117,8 @@ def _fix(cfg, key):
 
 
 def _make(config, device, dtype, key):
-    scorer = prepare_scorer(build_scorer(config.reward[key], key, seed=config.seed), device, dtype)
+    scorer = build_scorer(config.reward[key], key, config.seed, config.get("random_weights", False), device)
+    scorer = prepare_scorer(scorer, device, dtype)
 
     def reward_fn(images, prompts, metadata):
         return scorer(images, prompts).float(), {}
