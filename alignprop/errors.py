@@ -27,3 +27,8 @@ def library_message(error):
     """`Type: message` of a library's exception, without its pointers to a traceback the user is not shown."""
     text = str(error).replace("Please check out the root cause in the stacktrace above.", "").strip()
     return f"{type(error).__name__}: {text}"
+
+
+def first_line(error, limit=200):
+    """The first line of `library_message(error)`, at most `limit` characters: a file reader's error in brief."""
+    return library_message(error).splitlines()[0][:limit]

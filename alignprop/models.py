@@ -7,7 +7,7 @@ import weakref
 
 import torch
 
-from alignprop.errors import ConfigError, UserError, library_message, offline_hint
+from alignprop.errors import ConfigError, UserError, first_line, library_message, offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,9 @@ def single_file_problem(path):
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             keys = list(state) if isinstance(state, dict) else []
     except Exception as e:  # safetensors and pickle raise many types for a file that is not a checkpoint
-        first_line = library_message(e).splitlines()[0][:200]
         return (
             f"the file ({os.path.getsize(path)} bytes) cannot be read: it is corrupt, truncated or not a "
-            f"checkpoint ({first_line})"
+            f"checkpoint ({first_line(e)})"
         )
     if not any(k.startswith(SINGLE_FILE_UNET_PREFIX) for k in keys):
         return (
@@ -132,6 +131,27 @@ def load_components(model, revision=None, seed=0, random_weights=False, device=N
             ) from e
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler)
+
+
+def set_torch_flags(config):
+    """The global torch settings a config asks for: TF32 matmuls and convolutions, cuDNN's algorithm search."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
+    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
+
+
+def load_frozen_components(config, device):
+    """The config's Stable Diffusion, checked against its image size, frozen and cast to its inference dtype.
+
+    Returns (components, dtype). With `config.random_weights`, SD 1.5 with random weights built on `device`.
+    """
+    dtype = inference_dtype(config.mixed_precision)
+    components = load_components(
+        config.pretrained.model, config.pretrained.revision, seed=config.seed,
+        random_weights=config.random_weights, device=device,
+    )
+    check_resolution(components, config.sample.height, config.sample.width)
+    freeze_and_cast(components, device, dtype)
+    return components, dtype
 
 
 def freeze_and_cast(components, device, dtype):

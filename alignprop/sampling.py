@@ -111,9 +111,9 @@ def ddim_rollout(
     with torch.no_grad(), cache, record_function("alignprop.nograd_steps"):
         for t in timesteps[:cut]:
             latents = step((nograd_denoise_fn or denoise_fn)(latents, t), t, latents)
-    if grad_steps and torch.is_grad_enabled():
+    if compiled and grad_steps and torch.is_grad_enabled():
         # Every grad step then sees a latent that requires grad (as all but the first do anyway): one
-        # compiled graph for all of them. Costs one small input gradient.
+        # compiled graph for all of them instead of two. Costs one small input gradient.
         latents = latents.detach().requires_grad_()
     last_checkpointed = num_steps - min(uncheckpointed_steps, grad_steps)
     with record_function("alignprop.grad_steps"):

@@ -9,6 +9,7 @@ one JSON and a markdown table. Run the peer script in the same command for ratio
 """
 
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -110,13 +111,13 @@ def train_step_synced(ctx):
     return metrics
 
 
-def parse_value(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"True": True, "False": False}.get(text, text)
+def parse_override(item):
+    """`KEY=VALUE` -> (KEY, VALUE as a Python literal, or the string itself)."""
+    key, text = item.split("=", 1)
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
 
 
 def main():
@@ -143,45 +144,27 @@ def main():
 
     from accelerate import Accelerator
 
-    from alignprop.models import freeze_and_cast, inference_dtype
+    from alignprop.models import load_frozen_components, set_torch_flags
     from alignprop.plan import make_batch_plan
     from alignprop.prompts import make_prompt_set
-    from alignprop.random_init import build_sd15_components
+    from alignprop.rewards import make_reward_fn
     from alignprop.training import lora_in_sync, make_context
 
     config = load_experiment("aesthetic")
     config.mixed_precision = args.precision
     config.sample.num_steps = args.steps
     config.train.batch_size_per_gpu = config.train.total_batch_size = config.train.total_samples_per_epoch = args.batch
-    for item in args.set:
-        key, value = item.split("=", 1)
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = parse_value(value)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
+    if args.tiny:
+        config.pretrained.model = config.reward.aesthetic.clip_model = "tiny"
+    else:  # SD 1.5 and CLIP ViT-L/14's aesthetic scorer, random weights built on the GPU
+        config.random_weights = True
+    config.update_from_flattened_dict(dict(parse_override(item) for item in args.set))
+    set_torch_flags(config)
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    device, dtype = accelerator.device, inference_dtype(config.mixed_precision)
-    if args.tiny:
-        from alignprop.models import Components
-        from alignprop.rewards.aesthetic import as_reward_fn, build_scorer
-        from alignprop.rewards.loading import prepare_scorer
-        from alignprop.tiny import build_tiny_components
-
-        components = Components(**build_tiny_components())
-        config.reward.aesthetic.clip_model = "tiny"
-        reward_fn = as_reward_fn(prepare_scorer(build_scorer(config.reward.aesthetic), device, dtype))
-    else:  # SD 1.5 and CLIP ViT-L/14's aesthetic scorer, random weights built on the GPU
-        from alignprop.models import Components
-        from alignprop.rewards import make_reward_fn
-
-        config.random_weights = True
-        components = Components(**build_sd15_components(device=device))
-        reward_fn = make_reward_fn(config, device, dtype)
-    freeze_and_cast(components, device, dtype)
+    device = accelerator.device
+    components, dtype = load_frozen_components(config, device)
+    reward_fn = make_reward_fn(config, device, dtype)
     n = accelerator.num_processes
     total = args.total_batch or args.batch * n
     plan = make_batch_plan(total, total, args.batch, n)

@@ -53,7 +53,6 @@ def main(_):
     except ValueError as e:  # ConfigError, RewardSpecError
         raise SystemExit(str(e)) from None
 
-    import torch
     from accelerate import Accelerator
 
     from alignprop import models, prompts, rewards
@@ -68,16 +67,10 @@ def main(_):
         raise SystemExit(str(e)) from None
     out = FLAGS.out or os.path.join(config.logdir, "soup")
     os.makedirs(out, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+    models.set_torch_flags(config)
 
     # The base model as training loads it (the same seed, so `--model tiny` runs get the same random weights).
-    dtype = models.inference_dtype(config.mixed_precision)
-    components = models.load_components(
-        config.pretrained.model, config.pretrained.revision, seed=config.seed,
-        random_weights=config.random_weights, device=accelerator.device,
-    )
-    models.check_resolution(components, config.sample.height, config.sample.width)
-    models.freeze_and_cast(components, accelerator.device, dtype)
+    components, dtype = models.load_frozen_components(config, accelerator.device)
     names = soup.load_soup(components.unet, files)
     logging.info("LoRAs: %s", dict(zip(names, files)))
     reward_fn = evaluation.columns_reward_fn(rewards.make_reward_fn(config, accelerator.device, dtype), columns)

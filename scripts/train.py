@@ -9,7 +9,6 @@ import json
 import os
 import sys
 
-import torch
 from absl import app, logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
@@ -94,18 +93,10 @@ def train(config):
         # wandb honours WANDB_MODE=offline/disabled; its files go to the run folder unless WANDB_DIR is set.
         os.environ.setdefault("WANDB_DIR", run_dir)
         accelerator.init_trackers(config.project_name, config=flat_config(config))
-    torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
-    torch.backends.cudnn.allow_tf32 = config.allow_tf32
-    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
+    models.set_torch_flags(config)
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
-    dtype = models.inference_dtype(config.mixed_precision)
-    components = models.load_components(
-        config.pretrained.model, config.pretrained.revision, seed=config.seed,
-        random_weights=config.random_weights, device=accelerator.device,
-    )
-    models.check_resolution(components, config.sample.height, config.sample.width)
-    models.freeze_and_cast(components, accelerator.device, dtype)
+    components, dtype = models.load_frozen_components(config, accelerator.device)
     reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
     prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
     eval_set = prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn")

@@ -32,16 +32,19 @@ def _assert_one_message(result, *needles):
     assert "Traceback" not in err, err[-3000:]
 
 
+def _train_tiny(tmp_path, override):
+    """scripts/train.py on the tiny config with one --config override, its run folders under tmp_path."""
+    return run_script(
+        ["scripts/train.py", "--config", "config/align_prop.py:tiny", override, f"--config.logdir={tmp_path / 'logs'}"],
+        timeout=120,
+    )
+
+
 def test_script_shows_a_broken_sd_checkpoint_as_one_message(tmp_path):
     path = tmp_path / "sd15.safetensors"
     path.write_bytes(b"\x00" * 4096)  # e.g. a download that stopped
-    result = run_script(
-        ["scripts/train.py", "--config", "config/align_prop.py:tiny", f"--config.pretrained.model={path}",
-         f"--config.logdir={tmp_path / 'logs'}"],
-        timeout=120,
-    )
     _assert_one_message(
-        result,
+        _train_tiny(tmp_path, f"--config.pretrained.model={path}"),
         f"config.pretrained.model='{path}' is not a usable Stable Diffusion checkpoint: the file (4096 bytes) "
         "cannot be read",
         "point `config.pretrained.model` at a diffusers folder or a hub id",
@@ -52,13 +55,8 @@ def test_script_shows_a_truncated_reward_file_as_one_message(tmp_path):
     path = tmp_path / "aesthetic-model.pth"
     torch.save(AestheticMLP(32).state_dict(), path)
     path.write_bytes(path.read_bytes()[:1000])
-    result = run_script(
-        ["scripts/train.py", "--config", "config/align_prop.py:tiny", f"--config.reward.aesthetic.mlp_path={path}",
-         f"--config.logdir={tmp_path / 'logs'}"],
-        timeout=120,
-    )
     _assert_one_message(
-        result,
+        _train_tiny(tmp_path, f"--config.reward.aesthetic.mlp_path={path}"),
         f"Aesthetic MLP weights '{path}' (1000 bytes) could not be read: the file is corrupt, truncated",
         "Point config.reward.aesthetic.mlp_path at a good copy of the LAION MLP",
     )

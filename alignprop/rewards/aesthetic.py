@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-from alignprop.errors import library_message
+from alignprop.errors import first_line
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained, prepare_scorer
 from alignprop.rewards.preprocess import clip_preprocess
 
@@ -42,10 +42,9 @@ def load_mlp_state_dict(path, fix=""):
     except FileNotFoundError:
         raise WeightsNotFoundError(f"Aesthetic MLP weights {path!r} do not exist. {fix}") from None
     except Exception as e:  # pickle and zip errors of a corrupt, truncated or non-torch file
-        first_line = library_message(e).splitlines()[0][:200]
         raise BadWeightsError(
             f"Aesthetic MLP weights {path!r} ({os.path.getsize(path)} bytes) could not be read: the file is "
-            f"corrupt, truncated or not a torch.save file ({first_line}). {fix}"
+            f"corrupt, truncated or not a torch.save file ({first_line(e)}). {fix}"
         ) from e
     if not isinstance(state, dict):
         raise BadWeightsError(f"Aesthetic MLP weights {path!r} hold a {type(state).__name__}, not a state dict. {fix}")

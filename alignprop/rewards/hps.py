@@ -13,7 +13,7 @@ import os
 import torch
 from torch import nn
 
-from alignprop.errors import ConfigError, library_message
+from alignprop.errors import ConfigError, first_line, library_message
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, prepare_scorer
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 
@@ -52,7 +52,7 @@ def _read_problem(path):
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle and zip errors
-        return library_message(e).splitlines()[0][:200]
+        return first_line(e)
     return None
 
 
