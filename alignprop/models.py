@@ -193,13 +193,16 @@ def compile_models(components, train):
     backward) runs compiled; `compile_unet` alone compiles a view used only for the no-grad steps.
     `compile_decoder` compiles the VAE decoder in place. PyTorch caches compiled code on disk
     (TORCHINDUCTOR_CACHE_DIR) for later runs of the same shapes. On the CPU, inductor is skipped.
+    Each batch shape (training, evaluation) compiles once.
     """
     device = next(components.unet.parameters()).device
     if device.type == "cpu" and train.compile_backend == "inductor":
         # Minutes of C++ compilation for little gain: the compile switches are for GPUs.
         logger.info("torch.compile skipped on the CPU (config.train.compile_*)")
         return components.unet
-    options = {"mode": train.compile_mode, "backend": train.compile_backend}
+    # Static shapes: evaluation's batch gets its own graph instead of turning the training graph into a
+    # slower shape-generic one (what torch.compile does by default at the second batch size it sees).
+    options = {"mode": train.compile_mode, "backend": train.compile_backend, "dynamic": False}
     # Fraction of the activations the compiled backward may keep (1: all the partitioner wants; lower:
     # it recomputes the cheapest ops, e.g. normalizations and pointwise ops, instead of storing them).
     torch._functorch.config.activation_memory_budget = train.compile_memory_budget

@@ -93,12 +93,18 @@ def lora_in_sync(accelerator, params):
     return bool((gathered == gathered[0]).all())
 
 
-def gpu_peak_gib(accelerator):
-    """The largest peak of allocated GPU memory over the processes (GiB), or None without CUDA."""
+def gpu_peaks_gib(accelerator):
+    """Each process's peak of allocated GPU memory (GiB, in process order), or None without CUDA."""
     if accelerator.device.type != "cuda":
         return None
     peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
-    return accelerator.gather(peak).max().item()
+    return accelerator.gather(peak).tolist()
+
+
+def gpu_peak_gib(accelerator):
+    """The largest peak of allocated GPU memory over the processes (GiB), or None without CUDA."""
+    peaks = gpu_peaks_gib(accelerator)
+    return None if peaks is None else max(peaks)
 
 
 def train_step(ctx, keep_samples=False):

@@ -19,7 +19,7 @@ from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward
 from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
-from alignprop.training import lora_in_sync, make_context, train_step
+from alignprop.training import gpu_peaks_gib, lora_in_sync, make_context, train_step
 from alignprop.validation import check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
@@ -187,6 +187,9 @@ def train(config):
     stop.restore()
 
     run_eval("eval_final")
+    peaks = gpu_peaks_gib(accelerator)
+    if peaks is not None:
+        logging.info("peak GPU memory per process (GiB): %s", ", ".join(f"{p:.2f}" for p in peaks))
     if accelerator.num_processes > 1:
         if lora_in_sync(accelerator, ctx.params):
             logging.info("LoRA weights are bit-identical on all %d processes", accelerator.num_processes)

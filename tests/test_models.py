@@ -185,3 +185,34 @@ def test_compile_switches(components, backend, grad_steps, compiled):
         assert is_compiled(components.vae.decoder) == compiled
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_shapes_are_static(components):
+    """A second batch size (evaluation's) gets its own static graph: torch.compile's default would
+    recompile the first one shape-generic (symbolic sizes), slower for the training batch too."""
+    import ml_collections
+    import torch._dynamo
+
+    from alignprop.models import compile_models
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        symbolic = any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) for s in x.shape)) for x in example_inputs)
+        graphs.append(symbolic)
+        return gm.forward
+
+    train = ml_collections.ConfigDict(dict(
+        compile_unet=False, compile_grad_steps=False, compile_decoder=True, compile_mode="default",
+        compile_backend=recording_backend, compile_memory_budget=1.0,
+    ))
+    try:
+        compile_models(components, train)
+        channels = components.vae.config.latent_channels
+        with torch.no_grad():
+            for batch in (1, 2, 1):
+                components.vae.decoder(torch.randn(batch, channels, 8, 8))
+        assert graphs == [False, False]  # one static graph per batch size, the first one reused
+    finally:
+        torch._dynamo.reset()
