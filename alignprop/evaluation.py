@@ -23,20 +23,25 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
     """
     generator = eval_generator(seed, device)
     shape = latent_shape(components.unet, components.vae, spec.height, spec.width)
+    # A short last batch is padded (with its last item, outputs dropped) to the size of the others: a
+    # compiled UNet then runs one graph instead of compiling another for the odd size.
+    batch_size = max(1, min(batch_size, len(items)))
     images, prompts, rewards = [], [], []
     for start in range(0, len(items), batch_size):
-        batch_prompts, metadata = zip(*items[start : start + batch_size])
+        chunk = list(items[start : start + batch_size])
+        n = len(chunk)
+        batch_prompts, metadata = zip(*(chunk + chunk[-1:] * (batch_size - n)))
         embeds = encode_prompts(components.text_encoder, components.tokenizer, batch_prompts)
-        negative = negative_prompt_embeds.expand(len(batch_prompts), -1, -1)
+        negative = negative_prompt_embeds.expand(batch_size, -1, -1)
         latents = initial_latents(
-            len(batch_prompts), shape, generator, device, init_noise_sigma=components.scheduler.init_noise_sigma
+            batch_size, shape, generator, device, init_noise_sigma=components.scheduler.init_noise_sigma
         )
         with autocast():
             batch_images = sample_images(unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0, generator)
             batch_rewards, _ = reward_fn(batch_images, list(batch_prompts), list(metadata))
-        images.append(batch_images.float().cpu())
-        rewards.append(batch_rewards.float().cpu())
-        prompts.extend(batch_prompts)
+        images.append(batch_images[:n].float().cpu())
+        rewards.append(batch_rewards[:n].float().cpu())
+        prompts.extend(batch_prompts[:n])
     return torch.cat(images), prompts, torch.cat(rewards)
 
 

@@ -45,3 +45,30 @@ def test_evaluation_is_reproducible_and_touches_no_other_rng(components):
     assert torch.equal(torch.get_rng_state(), before_global)
     after = streams.state_dict()
     assert torch.equal(after["noise"], before_streams["noise"]) and after["prompts"] == before_streams["prompts"]
+
+
+def test_short_last_evaluation_batch_is_padded_to_the_full_size(components):
+    """3 items in batches of 2: the UNet always sees one batch size (one compiled graph), and the
+    padding changes nothing: each item gets the image of a batch-1 evaluation (same noise rows)."""
+    import contextlib
+
+    negative = encode_prompts(components.text_encoder, components.tokenizer, [""])
+
+    def reward_fn(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    sizes = []
+    hook = components.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    items = [("cat", {}), ("dog", {}), ("owl", {})]
+    spec = SamplingSpec(num_steps=2, guidance_scale=7.5, eta=0.0)
+    try:
+        run = lambda batch: evaluate(components.unet, components, reward_fn, items, spec, 0, batch,
+                                     torch.device("cpu"), negative, contextlib.nullcontext)
+        images, prompts, rewards = run(2)
+        assert set(sizes) == {4}  # 2 prompts x (conditional, unconditional), the last batch too
+        single, _, single_rewards = run(1)
+    finally:
+        hook.remove()
+    assert prompts == ["cat", "dog", "owl"] and images.shape[0] == rewards.shape[0] == 3
+    torch.testing.assert_close(images, single, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rewards, single_rewards, atol=1e-6, rtol=0)
