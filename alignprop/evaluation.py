@@ -15,34 +15,49 @@ def eval_items(prompt_set, num_samples):
 
 
 @torch.no_grad()
-def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device, negative_prompt_embeds, autocast):
+def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device, negative_prompt_embeds, autocast,
+             accelerator=None):
     """Images [N,3,H,W] in [0, 1] (on the CPU), prompts and rewards [N] for `items`, in order.
 
-    The noise comes from a generator seeded anew at every call: evaluations of one run are comparable,
-    and the training streams are untouched.
+    Item i starts from its own noise, seeded by (seed, i): the same at every evaluation of a run, whatever
+    the batch size or the number of processes, and the training streams are untouched. With several
+    processes (`accelerator`), each renders a contiguous share of the items and every process returns all
+    of them. (With eta > 0, the noise of the steps comes from each batch's first item: that part depends
+    on how the items are batched.)
     """
-    generator = eval_generator(seed, device)
     shape = latent_shape(components.unet, components.vae, spec.height, spec.width)
-    # A short last batch is padded (with its last item, outputs dropped) to the size of the others: a
-    # compiled UNet then runs one graph instead of compiling another for the odd size.
-    batch_size = max(1, min(batch_size, len(items)))
-    images, prompts, rewards = [], [], []
-    for start in range(0, len(items), batch_size):
-        chunk = list(items[start : start + batch_size])
-        n = len(chunk)
-        batch_prompts, metadata = zip(*(chunk + chunk[-1:] * (batch_size - n)))
+    n = len(items)
+    processes = accelerator.num_processes if accelerator is not None else 1
+    share = -(-n // processes)
+    first = accelerator.process_index * share if processes > 1 else 0
+    # Equal shares (the last ones padded with the last item) and equal batches (a short last batch padded
+    # the same way): every process makes the same collective calls, and a compiled UNet sees one shape.
+    mine = [min(i, n - 1) for i in range(first, first + share)]
+    batch_size = max(1, min(batch_size, share))
+    images, rewards = [], []
+    for start in range(0, share, batch_size):
+        indices = mine[start : start + batch_size]
+        keep = len(indices)
+        indices += indices[-1:] * (batch_size - keep)
+        batch_prompts, metadata = zip(*(items[i] for i in indices))
         embeds = encode_prompts(components.text_encoder, components.tokenizer, batch_prompts)
         negative = negative_prompt_embeds.expand(batch_size, -1, -1)
-        latents = initial_latents(
-            batch_size, shape, generator, device, init_noise_sigma=components.scheduler.init_noise_sigma
-        )
+        sigma = components.scheduler.init_noise_sigma
+        latents = torch.cat([initial_latents(1, shape, eval_generator(seed, device, i), device, init_noise_sigma=sigma)
+                             for i in indices])
         with autocast():
-            batch_images = sample_images(unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0, generator)
+            batch_images = sample_images(unet, components.vae, components.scheduler, embeds, negative, latents, spec,
+                                         0, eval_generator(seed, device, indices[0]))
             batch_rewards, _ = reward_fn(batch_images, list(batch_prompts), list(metadata))
-        images.append(batch_images[:n].float().cpu())
-        rewards.append(batch_rewards[:n].float().cpu())
-        prompts.extend(batch_prompts[:n])
-    return torch.cat(images), prompts, torch.cat(rewards)
+        batch_images, batch_rewards = batch_images[:keep].float(), batch_rewards[:keep].float()
+        if processes > 1:  # [processes x keep]: this batch of every share
+            batch_images, batch_rewards = accelerator.gather(batch_images), accelerator.gather(batch_rewards)
+        images.append(batch_images.cpu().unflatten(0, (processes, keep)))
+        rewards.append(batch_rewards.cpu().unflatten(0, (processes, keep)))
+    # [processes, share, ...] -> the items in order (the padding at the end dropped).
+    images = torch.cat(images, dim=1).flatten(0, 1)[:n]
+    rewards = torch.cat(rewards, dim=1).flatten(0, 1)[:n]
+    return images, [prompt for prompt, _ in items], rewards
 
 
 # Column of a weighted sum's total (the components follow it, under their reward names).

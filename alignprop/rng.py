@@ -39,6 +39,7 @@ class RandomStreams:
         self.prompts.setstate(state["prompts"])
 
 
-def eval_generator(seed, device):
-    """A fresh generator for evaluation: the same initial noise at every evaluation of a run."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, 0, EVAL_STREAM))
+def eval_generator(seed, device, item=0):
+    """A fresh generator for evaluation item `item` (in the place of a process index): the same noise
+    for that item at every evaluation of a run, however the items are batched or shared out."""
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, item, EVAL_STREAM))

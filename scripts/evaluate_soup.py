@@ -82,7 +82,7 @@ def main(_):
     def run_eval():
         return evaluate(
             components.unet, components, reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
-            accelerator.device, negative_prompt_embeds, accelerator.autocast,
+            accelerator.device, negative_prompt_embeds, accelerator.autocast, accelerator,
         )
 
     rows = []

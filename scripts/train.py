@@ -115,7 +115,7 @@ def train(config):
         items = eval_items(eval_set, config.sample.num_eval_samples)
         images, eval_prompts, eval_rewards = evaluate(
             components.unet, components, eval_reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
-            accelerator.device, negative_prompt_embeds, accelerator.autocast,
+            accelerator.device, negative_prompt_embeds, accelerator.autocast, accelerator,
         )
         per_reward = summarize(eval_rewards, columns)
         grid = save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards[:, 0], per_reward)

@@ -5,7 +5,8 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT_DIR unwrapped  # the peers' bug
 
 Micro-batch j of a single-process step draws from the random streams of rank j of a 2-process step, so
-both runs see the same prompts, noise and K: their LoRA weights must agree.
+both runs see the same prompts, noise and K: their LoRA weights must agree. Before training, each run
+also evaluates the base model on 5 prompts (shared out between the processes, in batches of 2).
 """
 
 import importlib.util
@@ -18,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from alignprop import models, prompts, rewards, training  # noqa: E402
+from alignprop.evaluation import eval_items, evaluate  # noqa: E402
 from alignprop.plan import make_batch_plan  # noqa: E402
 from alignprop.rng import RandomStreams  # noqa: E402
 
@@ -44,6 +46,12 @@ def main(out_dir, mode):
     reward_fn = rewards.make_reward_fn(config, accelerator.device, torch.float32)
     ctx, _ = training.make_context(config, accelerator, components, reward_fn,
                                    prompts.make_prompt_set("simple_animals"), plan)
+    items = eval_items(prompts.make_prompt_set("eval_simple_animals"), 5)
+    images, eval_prompts, eval_rewards = evaluate(
+        components.unet, components, reward_fn, items, ctx.spec, config.seed, 2, accelerator.device,
+        ctx.negative_prompt_embeds, accelerator.autocast, accelerator,
+    )
+    evaluation = {"images": images, "prompts": eval_prompts, "rewards": eval_rewards}
     if mode == "unwrapped":
         ctx.unet = accelerator.unwrap_model(ctx.unet)  # what the later official code and TRL do
 
@@ -64,7 +72,7 @@ def main(out_dir, mode):
     history = [training.train_step(ctx) for _ in range(STEPS)]
     lora = {k: v.detach().clone() for k, v in components.unet.named_parameters() if v.requires_grad}
     torch.save(
-        {"lora": lora, "seen": seen, "metrics": history, "accumulation": plan.accumulation_steps},
+        {"lora": lora, "seen": seen, "metrics": history, "accumulation": plan.accumulation_steps, "eval": evaluation},
         os.path.join(out_dir, f"{mode}_rank{accelerator.process_index}.pt"),
     )
     accelerator.wait_for_everyone()

@@ -67,6 +67,18 @@ def test_two_processes_equal_one_process_over_the_same_batch(runs):
     assert _max_diff(ddp, single) < 1e-3
 
 
+def test_evaluation_shared_out_between_processes_equals_one_process(runs):
+    """5 items on 2 processes (3 + 2, the second share padded): every rank returns all 5, in order, and
+    they are the images and rewards of a 1-process evaluation (each item has its own noise)."""
+    (rank0, rank1), (single,) = runs["ddp"], runs["single"]
+    a, b, ref = rank0["eval"], rank1["eval"], single["eval"]
+    assert a["images"].shape[0] == a["rewards"].shape[0] == 5 and a["prompts"] == ref["prompts"]
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["rewards"], b["rewards"])
+    # Other batch compositions on the CPU: float32 round-off only.
+    torch.testing.assert_close(a["images"], ref["images"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a["rewards"], ref["rewards"], atol=1e-5, rtol=1e-5)
+
+
 def test_the_unwrapped_forward_bug_is_detected(runs):
     rank0, rank1 = runs["unwrapped"]
     assert _max_diff(rank0, rank1) > 1e-2
