@@ -37,10 +37,10 @@ def guided_unet(unet, prompt_embeds, negative_prompt_embeds, guidance_scale):
 
 
 def is_compiled(module):
-    """Whether `module` (or the module DDP wraps) runs through torch.compile."""
+    """Whether `module` (or the module DDP wraps), or a block inside it, runs through torch.compile."""
     module = getattr(module, "module", module)
-    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or (
-        getattr(module, "_compiled_call_impl", None) is not None
+    return isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()
     )
 
 

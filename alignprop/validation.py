@@ -16,6 +16,7 @@ LOG_WITH = ("none", "wandb", "tensorboard")
 # torch.compile modes that work with the training step ("reduce-overhead"'s CUDA graphs do not mix with
 # the checkpointed backward).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+COMPILE_SCOPES = ("model", "blocks")
 # Rewards whose full-size architecture config is not shipped with the code (config.random_weights).
 RANDOM_WEIGHTS_UNSUPPORTED = ("clipscore", "pickscore", "object_count")
 
@@ -119,6 +120,8 @@ def _problems(config, num_processes):
         out.append(bad("train.compile_memory_budget", "must be in (0, 1] (1: keep what the compiler chooses)"))
     if t.compile_mode not in COMPILE_MODES:
         out.append(bad("train.compile_mode", f"must be one of {', '.join(COMPILE_MODES)}"))
+    if t.compile_scope not in COMPILE_SCOPES:
+        out.append(bad("train.compile_scope", f"must be one of {', '.join(COMPILE_SCOPES)}"))
     if t.truncation == "gaussian" and t.cut_std < 0:
         out.append(bad("train.cut_std", "must be >= 0"))
     if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:

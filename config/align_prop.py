@@ -137,6 +137,9 @@ def base():
     # torch.compile mode ("default", "max-autotune-no-cudagraphs", ...) and backend ("inductor"; "aot_eager"
     # traces without generating kernels, for tests).
     train.compile_mode = "default"
+    # What torch.compile sees: "model" (the whole UNet as one graph) or "blocks" (each attention and ResNet
+    # block on its own, for every UNet call: regional compilation, fewer and smaller graphs to compile).
+    train.compile_scope = "model"
     # Share of its activations a compiled UNet step keeps for backward (1.0: PyTorch's default; lower
     # values recompute cheap ops in backward, a finer-grained alternative to checkpoint_unet_blocks).
     train.compile_memory_budget = 1.0

@@ -82,6 +82,7 @@ def test_paper_settings():
         ("train.uncheckpointed_steps", -1, "config.train.uncheckpointed_steps=-1: must be an int >= 0"),
         ("train.compile_memory_budget", 0.0, "config.train.compile_memory_budget=0.0: must be in (0, 1]"),
         ("train.compile_mode", "reduce-overhead", "must be one of default, max-autotune-no-cudagraphs"),
+        ("train.compile_scope", "layers", "config.train.compile_scope='layers': must be one of model, blocks"),
     ],
 )
 def test_bad_values_name_their_key(key, value, needle):

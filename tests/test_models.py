@@ -164,25 +164,31 @@ def test_resolution_error_says_what_would_fit():
         models.check_resolution(comps, None, 4 * factor + 1)
 
 
-@pytest.mark.parametrize("backend,grad_steps,compiled", [("inductor", True, False), ("aot_eager", True, True),
-                                                         ("aot_eager", False, True)])
-def test_compile_switches(components, backend, grad_steps, compiled):
-    """Inductor is skipped on the CPU; otherwise the UNet is compiled in place (grad steps too) or as a view."""
+@pytest.mark.parametrize("backend,grad_steps,scope,compiled", [
+    ("inductor", True, "model", False), ("aot_eager", True, "model", True), ("aot_eager", False, "model", True),
+    ("aot_eager", False, "blocks", True),
+])
+def test_compile_switches(components, backend, grad_steps, scope, compiled):
+    """Inductor is skipped on the CPU; otherwise the UNet is compiled in place (grad steps too) or as a
+    view, or its blocks are, in place, for every call."""
     import ml_collections
     import torch._dynamo
 
-    from alignprop.models import compile_models
+    from alignprop.models import UNET_BLOCKS, compile_models
     from alignprop.sampling import is_compiled
 
     train = ml_collections.ConfigDict(dict(
         compile_unet=True, compile_grad_steps=grad_steps, compile_decoder=True, compile_mode="default",
-        compile_backend=backend, compile_memory_budget=1.0,
+        compile_backend=backend, compile_memory_budget=1.0, compile_scope=scope,
     ))
     try:
         nograd = compile_models(components, train)
         assert is_compiled(nograd) == compiled
-        assert is_compiled(components.unet) == (compiled and grad_steps)  # in place only for the grad steps
+        # In place for the grad steps, or (blocks) for every call.
+        assert is_compiled(components.unet) == (compiled and (grad_steps or scope == "blocks"))
         assert is_compiled(components.vae.decoder) == compiled
+        blocks = [m for m in components.unet.modules() if type(m).__name__ in UNET_BLOCKS]
+        assert blocks and all((m._compiled_call_impl is not None) == (scope == "blocks" and compiled) for m in blocks)
     finally:
         torch._dynamo.reset()
 
@@ -205,7 +211,7 @@ def test_compiled_shapes_are_static(components):
 
     train = ml_collections.ConfigDict(dict(
         compile_unet=False, compile_grad_steps=False, compile_decoder=True, compile_mode="default",
-        compile_backend=recording_backend, compile_memory_budget=1.0,
+        compile_backend=recording_backend, compile_memory_budget=1.0, compile_scope="model",
     ))
     try:
         compile_models(components, train)
