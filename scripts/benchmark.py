@@ -149,6 +149,7 @@ def main():
     from alignprop.prompts import make_prompt_set
     from alignprop.rewards import make_reward_fn
     from alignprop.training import lora_in_sync, make_context
+    from alignprop.validation import ConfigError, check_precision
 
     config = load_experiment("aesthetic")
     config.mixed_precision = args.precision
@@ -163,6 +164,10 @@ def main():
 
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     device = accelerator.device
+    try:
+        check_precision(config.mixed_precision, device)
+    except ConfigError as e:
+        raise SystemExit(f"{e} (here: --precision)") from None
     components, dtype = load_frozen_components(config, device)
     reward_fn = make_reward_fn(config, device, dtype)
     n = accelerator.num_processes
