@@ -87,31 +87,32 @@ def test_nonfinite_streak_stops_with_a_checkpoint(tmp_path):
 
 
 def test_crash_during_checkpoint_write_leaves_the_previous_one(tmp_path):
-    """Kill the process inside accelerate's save_state; resume must ignore the half-written folder."""
+    """Kill the process inside accelerate's save_state (2 epochs, a checkpoint each); resume must ignore the
+    half-written folder."""
     run_dir = os.path.join(tmp_path, "crash")
     crash = (
         "import os, runpy, sys, accelerate\n"
         "real = accelerate.Accelerator.save_state\n"
         "def save_state(self, output_dir=None, **kw):\n"
-        "    if output_dir.endswith('checkpoint_8.tmp'):\n"
+        "    if output_dir.endswith('checkpoint_4.tmp'):\n"
         "        os.makedirs(output_dir, exist_ok=True)\n"
         "        open(os.path.join(output_dir, 'pytorch_lora_weights.safetensors'), 'wb').write(b'half')\n"
         "        os._exit(9)\n"
         "    return real(self, output_dir, **kw)\n"
         "accelerate.Accelerator.save_state = save_state\n"
-        f"sys.argv = {['scripts/train.py', '--config', 'config/align_prop.py:tiny', f'--config.logdir={tmp_path}', '--config.run_name=crash']!r}\n"
+        f"sys.argv = {['scripts/train.py', '--config', 'config/align_prop.py:tiny', f'--config.logdir={tmp_path}', '--config.run_name=crash', '--config.num_epochs=2', '--config.save_freq=1']!r}\n"
         "runpy.run_path('scripts/train.py', run_name='__main__')\n"
     )
     result = run_script(["-c", crash], timeout=600)
     assert result.returncode == 9
-    assert os.path.isdir(os.path.join(run_dir, "checkpoint_8.tmp"))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint_4.tmp"))
     from alignprop.checkpoints import list_checkpoints, resolve_resume
 
-    assert resolve_resume(run_dir) == os.path.join(run_dir, "checkpoint_4")
-    assert list_checkpoints(run_dir) == [os.path.join(run_dir, "checkpoint_4")]
-    _train(tmp_path, f"--config.resume_from={run_dir}")
-    assert os.path.isdir(os.path.join(run_dir, "checkpoint_8")) and not os.path.exists(
-        os.path.join(run_dir, "checkpoint_8.tmp")
+    assert resolve_resume(run_dir) == os.path.join(run_dir, "checkpoint_2")
+    assert list_checkpoints(run_dir) == [os.path.join(run_dir, "checkpoint_2")]
+    _train(tmp_path, f"--config.resume_from={run_dir}", "--config.num_epochs=2", "--config.save_freq=1")
+    assert os.path.isdir(os.path.join(run_dir, "checkpoint_4")) and not os.path.exists(
+        os.path.join(run_dir, "checkpoint_4.tmp")
     )
 
 
