@@ -4,7 +4,7 @@ import torch
 
 from alignprop.models import encode_prompts, latent_shape
 from alignprop.rewards import parse_reward_spec
-from alignprop.rng import eval_generator
+from alignprop.rng import EVAL_STEP_STREAM, eval_generator
 from alignprop.sampling import initial_latents, sample_images
 
 
@@ -22,8 +22,8 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
     Item i starts from its own noise, seeded by (seed, i): the same at every evaluation of a run, whatever
     the batch size or the number of processes, and the training streams are untouched. With several
     processes (`accelerator`), each renders a contiguous share of the items and every process returns all
-    of them. (With eta > 0, the noise of the steps comes from each batch's first item: that part depends
-    on how the items are batched.)
+    of them. (With eta > 0, the noise of the steps comes from a stream of each batch's first item: that
+    part depends on how the items are batched.)
     """
     shape = latent_shape(components.unet, components.vae, spec.height, spec.width)
     n = len(items)
@@ -47,7 +47,7 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
                              for i in indices])
         with autocast():
             batch_images = sample_images(unet, components.vae, components.scheduler, embeds, negative, latents, spec,
-                                         0, eval_generator(seed, device, indices[0]))
+                                         0, eval_generator(seed, device, indices[0], EVAL_STEP_STREAM))
             batch_rewards, _ = reward_fn(batch_images, list(batch_prompts), list(metadata))
         batch_images, batch_rewards = batch_images[:keep].float(), batch_rewards[:keep].float()
         if processes > 1:  # [processes x keep]: this batch of every share

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 STREAMS = ("noise", "truncation", "prompts")
-EVAL_STREAM = 1_000
+EVAL_STREAM = 1_000  # evaluation's initial noise, one generator per item
+EVAL_STEP_STREAM = 1_001  # evaluation's per-step noise (eta > 0), one generator per batch
 
 
 def derive_seed(seed, process_index, stream_id):
@@ -39,7 +40,7 @@ class RandomStreams:
         self.prompts.setstate(state["prompts"])
 
 
-def eval_generator(seed, device, item=0):
+def eval_generator(seed, device, item=0, stream=EVAL_STREAM):
     """A fresh generator for evaluation item `item` (in the place of a process index): the same noise
     for that item at every evaluation of a run, however the items are batched or shared out."""
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, item, EVAL_STREAM))
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, item, stream))
