@@ -89,8 +89,6 @@ def load_components(model, revision=None, seed=0, random_weights=False, device=N
     `DDIMScheduler()` defaults (linear betas, clip_sample=True: wrong for SD). With `random_weights`,
     SD 1.5's architecture with seeded random weights is built on `device` instead (nothing is read).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     if model == TINY:
         from alignprop.tiny import build_tiny_components
 
@@ -99,6 +97,8 @@ def load_components(model, revision=None, seed=0, random_weights=False, device=N
         from alignprop.random_init import build_sd15_components
 
         return Components(**build_sd15_components(seed, device))
+    # Imported here: the pipeline module pulls in much of diffusers and transformers (seconds).
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     key = "config.pretrained.model"
     if os.path.splitext(model)[1] in (".safetensors", ".ckpt"):
