@@ -28,17 +28,17 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
     shape = latent_shape(components.unet, components.vae, spec.height, spec.width)
     n = len(items)
     processes = accelerator.num_processes if accelerator is not None else 1
-    share = -(-n // processes)
-    first = accelerator.process_index * share if processes > 1 else 0
-    # Equal shares (the last ones padded with the last item) and equal batches (a short last batch padded
-    # the same way): every process makes the same collective calls, and a compiled UNet sees one shape.
-    mine = [min(i, n - 1) for i in range(first, first + share)]
+    share = -(-n // processes)  # items per process
     batch_size = max(1, min(batch_size, share))
+    first = (accelerator.process_index if processes > 1 else 0) * share
+    # Every process renders the same number of full batches: positions past the end of its share (or of
+    # the items) repeat its last item, and their outputs are dropped. Then every process makes the same
+    # collective calls, and a compiled UNet sees one batch shape.
+    last = min(first + share, n) - 1
     images, rewards = [], []
     for start in range(0, share, batch_size):
-        indices = mine[start : start + batch_size]
-        keep = len(indices)
-        indices += indices[-1:] * (batch_size - keep)
+        indices = [min(first + start + j, last) for j in range(batch_size)]
+        keep = min(batch_size, share - start)
         batch_prompts, metadata = zip(*(items[i] for i in indices))
         embeds = encode_prompts(components.text_encoder, components.tokenizer, batch_prompts)
         negative = negative_prompt_embeds.expand(batch_size, -1, -1)

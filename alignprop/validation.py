@@ -189,10 +189,11 @@ def _reward_problems(config):
     problems = [_bad(config, key, why) for key, ok, why in checks if not ok]
     no_random = [n for n in names if n in RANDOM_WEIGHTS_UNSUPPORTED and r[n].model != "tiny"]
     if config.random_weights and no_random:
+        buildable = ", ".join(n for n in rewards.REWARDS if n not in RANDOM_WEIGHTS_UNSUPPORTED)
         problems.append(
             f"config.random_weights=True: the reward(s) {', '.join(no_random)} have no built-in architecture to "
-            f"initialize randomly (supported: aesthetic, hps, hps_v21, compressibility, incompressibility, or "
-            f"model='tiny'); set config.reward_fn to one of those or config.random_weights=False"
+            f"initialize randomly (supported: {buildable}, or model='tiny'); set config.reward_fn to one of "
+            f"those or config.random_weights=False"
         )
     return problems
 

@@ -98,13 +98,13 @@ def build_scorer(cfg, key, seed=0, random_weights=False, device=None):
         )
     if random_weights:
         torch.manual_seed(seed)
-        model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True, device=device or "cpu")
-        return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
-    # Weights first: offline, fail before building a 1B-parameter model.
-    path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
+    else:  # weights first: offline, fail before building a 1B-parameter model
+        path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
     # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
-    model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True)
-    load_hps_checkpoint(model, path, _fix(cfg, key))
+    model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True,
+                                   device=(device or "cpu") if random_weights else "cpu")
+    if not random_weights:
+        load_hps_checkpoint(model, path, _fix(cfg, key))
     return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
 
 
