@@ -74,6 +74,12 @@ def micro_batch(ctx):
         else:
             rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
     loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise RuntimeError(
+            "The reward function returned rewards with no gradient w.r.t. the images, so there is nothing to "
+            "backpropagate. AlignProp needs a differentiable reward: keep the computation in torch on the "
+            "images it is given (no .detach(), .item(), .cpu().numpy(), PIL or torch.no_grad())."
+        )
     return loss, rewards.detach(), info, list(prompts), k, images.detach()
 
 
@@ -105,6 +111,18 @@ def gpu_peak_gib(accelerator):
     """The largest peak of allocated GPU memory over the processes (GiB), or None without CUDA."""
     peaks = gpu_peaks_gib(accelerator)
     return None if peaks is None else max(peaks)
+
+
+def zero_gradient_warning(metrics):
+    """What to tell the user when an applied optimizer step had an exactly zero gradient, else None."""
+    if metrics["grad_norm"] != 0.0 or metrics["skipped"]:
+        return None
+    return (
+        "the LoRA gradient is exactly zero (the weights moved only by weight decay): the reward does not "
+        "change with the images, or its gradient fell below fp16's range (expected with random-weight "
+        "rewards at small K). With config.mixed_precision='fp16' try 'bf16' or a larger "
+        "config.train.loss_coeff. (Warned once per run.)"
+    )
 
 
 def train_step(ctx, keep_samples=False):

@@ -19,7 +19,7 @@ from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward
 from alignprop.interrupt import StopRequest
 from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
-from alignprop.training import gpu_peaks_gib, lora_in_sync, make_context, train_step
+from alignprop.training import gpu_peaks_gib, lora_in_sync, make_context, train_step, zero_gradient_warning
 from alignprop.validation import check_precision, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
@@ -138,6 +138,7 @@ def train(config):
     total_steps = config.num_epochs * plan.steps_per_epoch
     stop = StopRequest()
     nonfinite_streak = 0
+    warned_zero_gradient = False
     bar = tqdm(total=total_steps, initial=step, desc="optimizer steps", disable=not accelerator.is_main_process)
     while step < total_steps:
         keep_samples = bool(config.log_image_freq) and (step + 1) % config.log_image_freq == 0
@@ -160,6 +161,9 @@ def train(config):
         nonfinite_streak = nonfinite_streak + 1 if metrics["nonfinite"] else 0
         if metrics["nonfinite"]:
             logging.warning("step %d: non-finite loss or gradients, update skipped; prompts: %s", step, step_prompts)
+        if not warned_zero_gradient and (message := zero_gradient_warning(metrics)):
+            logging.warning("step %d: %s", step, message)
+            warned_zero_gradient = True
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             # Skipped steps change no weights: the state saved now is the last good one.
             path = save(step)

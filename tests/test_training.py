@@ -122,6 +122,28 @@ def test_nonfinite_reward_skips_the_update(make_ctx, components):
     assert all(p.grad is None for p in ctx.params)
 
 
+def test_detached_reward_is_a_clear_error(make_ctx):
+    def detached(images, prompts, metadata):  # what a reward computed in numpy or PIL gives back
+        r, info = _constant_reward(images, prompts, metadata)
+        return r.detach(), info
+
+    ctx, _ = make_ctx(reward_fn=detached)
+    with pytest.raises(RuntimeError, match="no gradient w.r.t. the images"):
+        training.train_step(ctx)
+
+
+def test_zero_gradient_is_reported(make_ctx, components):
+    def flat(images, prompts, metadata):  # depends on the images, with a gradient of exactly zero
+        return images.flatten(1).mean(1) * 0.0 + 1.0, {}
+
+    ctx, _ = make_ctx(reward_fn=flat)
+    metrics = training.train_step(ctx)
+    assert metrics["grad_norm"] == 0.0 and metrics["skipped"] == 0
+    assert "exactly zero" in training.zero_gradient_warning(metrics)
+    assert training.zero_gradient_warning({**metrics, "grad_norm": 1e-9}) is None
+    assert training.zero_gradient_warning({**metrics, "skipped": 1}) is None  # a skipped step is reported as such
+
+
 def test_reward_target_loss():
     from alignprop.rewards import reward_loss
 
