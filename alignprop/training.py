@@ -165,6 +165,7 @@ def train_step(ctx, keep_samples=False):
         prompts.extend(batch_prompts)
     rewards = accelerator.gather(torch.cat(all_rewards).float())
     loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+    k_mean = accelerator.reduce(torch.tensor(sum(ks) / len(ks), device=accelerator.device), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
     peak = gpu_peak_gib(accelerator)
@@ -176,7 +177,7 @@ def train_step(ctx, keep_samples=False):
         "loss": loss.item(),
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-        "k_mean": sum(ks) / len(ks),
+        "k_mean": k_mean.item(),
         "grad_norm": grad_norm,
         "nonfinite": int(nonfinite.item()),
         "skipped": int(skipped),

@@ -61,6 +61,7 @@ def test_two_processes_equal_one_process_over_the_same_batch(runs):
     for a, b in zip(ddp["metrics"], single["metrics"]):
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["k_mean"] == pytest.approx(b["k_mean"])  # over both ranks' rollouts, not rank 0's
     # Weights after 3 AdamW steps at lr 3e-2: all-reduce vs accumulation sum in a different order, and
     # Adam divides by sqrt(v), which magnifies round-off in near-zero gradient entries; 1e-3 is 1/30 of
     # one step's size (lr), while the unsynced bug below differs by ~0.1.
