@@ -138,7 +138,8 @@ def base():
     # traces without generating kernels, for tests).
     train.compile_mode = "default"
     # What torch.compile sees: "model" (the whole UNet as one graph) or "blocks" (each attention and ResNet
-    # block on its own, for every UNet call: regional compilation, fewer and smaller graphs to compile).
+    # block on its own, for every UNet call: regional compilation, fewer and smaller graphs to compile;
+    # on the H100 it compiled no faster and stepped 1.4-1.7x slower, BENCHMARKS.md).
     train.compile_scope = "model"
     # Share of its activations a compiled UNet step keeps for backward (1.0: PyTorch's default; lower
     # values recompute cheap ops in backward, a finer-grained alternative to checkpoint_unet_blocks).
