@@ -132,7 +132,7 @@ def test_detached_reward_is_a_clear_error(make_ctx):
         training.train_step(ctx)
 
 
-def test_zero_gradient_is_reported(make_ctx, components):
+def test_zero_gradient_is_reported(make_ctx):
     def flat(images, prompts, metadata):  # depends on the images, with a gradient of exactly zero
         return images.flatten(1).mean(1) * 0.0 + 1.0, {}
 
