@@ -30,7 +30,7 @@ def evaluate(unet, components, reward_fn, items, spec, seed, batch_size, device,
     processes = accelerator.num_processes if accelerator is not None else 1
     share = -(-n // processes)  # items per process
     batch_size = max(1, min(batch_size, share))
-    first = (accelerator.process_index if processes > 1 else 0) * share
+    first = (accelerator.process_index if accelerator is not None else 0) * share
     # Every process renders the same number of full batches: positions past the end of its share (or of
     # the items) repeat its last item, and their outputs are dropped. Then every process makes the same
     # collective calls, and a compiled UNet sees one batch shape.

@@ -121,7 +121,7 @@ def zero_gradient_warning(metrics):
         "the LoRA gradient is exactly zero (the weights moved only by weight decay): the reward does not "
         "change with the images, or its gradient fell below fp16's range (expected with random-weight "
         "rewards at small K). With config.mixed_precision='fp16' try 'bf16' or a larger "
-        "config.train.loss_coeff. (Warned once per run.)"
+        "config.train.loss_coeff."
     )
 
 
@@ -164,8 +164,9 @@ def train_step(ctx, keep_samples=False):
         infos.append(info)
         prompts.extend(batch_prompts)
     rewards = accelerator.gather(torch.cat(all_rewards).float())
-    loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
-    k_mean = accelerator.reduce(torch.tensor(sum(ks) / len(ks), device=accelerator.device), reduction="mean")
+    # Mean loss and mean K over all processes, in one reduction.
+    k_mean = torch.tensor(sum(ks) / len(ks), device=accelerator.device)
+    loss, k_mean = accelerator.reduce(torch.stack([torch.stack(losses).mean().float(), k_mean]), reduction="mean")
     grad_norm = float(grad_norm)
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
     peak = gpu_peak_gib(accelerator)

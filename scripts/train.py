@@ -162,7 +162,7 @@ def train(config):
         if metrics["nonfinite"]:
             logging.warning("step %d: non-finite loss or gradients, update skipped; prompts: %s", step, step_prompts)
         if not warned_zero_gradient and (message := zero_gradient_warning(metrics)):
-            logging.warning("step %d: %s", step, message)
+            logging.warning("step %d: %s (Warned once per run.)", step, message)
             warned_zero_gradient = True
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             # Skipped steps change no weights: the state saved now is the last good one.
