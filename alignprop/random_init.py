@@ -8,6 +8,8 @@ aesthetic reward's vision tower); open_clip ships its architectures (ViT-H-14 fo
 
 import torch
 
+from alignprop.rng import seeded
+
 SD15_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8,
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -34,8 +36,7 @@ def build_sd15_components(seed=0, device=None):
 
     from alignprop.tiny import SD15_SCHEDULER_CONFIG, clip_tokenizer
 
-    torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    with seeded(seed, device), torch.device(device or "cpu"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         vae = AutoencoderKL(**SD15_VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG))
@@ -49,6 +50,5 @@ def build_vit_l14_vision(seed=0, device=None):
     """CLIP ViT-L/14's vision tower with its projection (the aesthetic reward's), seeded random weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
+    with seeded(seed, device), torch.device(device or "cpu"):
         return CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_VISION_CONFIG))

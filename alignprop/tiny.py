@@ -9,7 +9,7 @@ import functools
 import gzip
 import os
 
-import torch
+from alignprop.rng import seeded
 
 # Sizes of the tiny models. Small enough for a CPU run in seconds, large enough to have every kind
 # of block the real SD 1.x UNet has (down/up, cross-attention, mid block).
@@ -95,24 +95,22 @@ def build_tiny_components(seed=0):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(**tiny_clip_text_config())
-    )
+    with seeded(seed):
+        unet = UNet2DConditionModel(**tiny_unet_config())
+    with seeded(seed + 1):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+    with seeded(seed + 2):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config()))
     # The SD 1.5 scheduler config (not DDIMScheduler() defaults, which are wrong for SD).
     scheduler = DDIMScheduler(**SD15_SCHEDULER_CONFIG)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler)
@@ -152,8 +150,8 @@ def tiny_clip_vision_config():
 def build_tiny_clip(seed=0):
     from transformers import CLIPModel
 
-    torch.manual_seed(seed)
-    return CLIPModel(tiny_clip_vision_config())
+    with seeded(seed):
+        return CLIPModel(tiny_clip_vision_config())
 
 
 # A tiny open_clip CLIP in open_clip's model-config schema (model_configs/*.json): the HPS reward's
@@ -171,8 +169,7 @@ def build_tiny_open_clip(seed=0):
 
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return open_clip.model.CLIP(**copy.deepcopy(TINY_OPEN_CLIP_CONFIG), output_dict=True)
 
 
@@ -198,6 +195,5 @@ def build_tiny_owlvit(seed=0):
     """A tiny OwlViTForObjectDetection with seeded random weights; the global RNG is left as it was."""
     from transformers import OwlViTForObjectDetection
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return OwlViTForObjectDetection(tiny_owlvit_config())

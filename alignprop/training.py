@@ -212,9 +212,11 @@ def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
     """
     from alignprop.checkpoints import register_hooks
     from alignprop.models import add_lora, compile_models, set_up_forward, trainable_parameters
-    from alignprop.rng import RandomStreams
+    from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
 
-    lora_config = add_lora(components.unet, config.lora.rank, config.lora.alpha)
+    # lora_A's initial weights from their own seed (lora_B starts at zero), not from the global RNG.
+    with seeded(derive_seed(config.seed, 0, LORA_STREAM), accelerator.device):
+        lora_config = add_lora(components.unet, config.lora.rank, config.lora.alpha)
     set_up_forward(components.unet, config.train)
     params = trainable_parameters(components.unet)
     optimizer = build_optimizer(params, config.train)

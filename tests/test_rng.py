@@ -75,3 +75,25 @@ def test_short_last_evaluation_batch_is_padded_to_the_full_size(components):
     # Each item its own noise: a prompt twice gives two different images.
     twice, _, _ = run(2, [("cat", {})] * 2)
     assert (twice[0] - twice[1]).abs().max() > 1e-3
+
+
+def test_builders_leave_the_global_rng_alone():
+    """Tiny models, reward towers and the LoRA draw from their own seeds: the caller's RNG state is untouched."""
+    from alignprop.models import add_lora
+    from alignprop.rewards.aesthetic import build_scorer
+    from alignprop.rng import seeded
+    from alignprop.tiny import build_tiny_components, build_tiny_open_clip
+    import ml_collections
+
+    state = torch.random.get_rng_state()
+    unet = build_tiny_components(seed=0)["unet"]
+    build_scorer(ml_collections.ConfigDict({"clip_model": "tiny", "mlp_path": None}), seed=0)
+    build_tiny_open_clip(seed=0)
+    with seeded(5):
+        add_lora(unet, rank=4, alpha=4.0)
+    assert torch.equal(state, torch.random.get_rng_state())
+    other = build_tiny_components(seed=0)["unet"]
+    with seeded(5):
+        add_lora(other, rank=4, alpha=4.0)
+    lora = {n: p for n, p in unet.named_parameters() if "lora_A" in n}
+    assert lora and all(torch.equal(p, other.get_parameter(n)) for n, p in lora.items())

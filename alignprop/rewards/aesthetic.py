@@ -13,6 +13,7 @@ from torch import nn
 from alignprop.errors import first_line
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained, prepare_scorer
 from alignprop.rewards.preprocess import clip_preprocess
+from alignprop.rng import seeded
 
 
 class AestheticMLP(nn.Module):
@@ -94,7 +95,7 @@ def build_scorer(cfg, seed=0, random_weights=False, device=None):
         from alignprop.random_init import build_vit_l14_vision
 
         vision = build_vit_l14_vision(seed, device)
-        with torch.device(device or "cpu"):
+        with seeded(seed + 1, device), torch.device(device or "cpu"):
             return AestheticScorer(vision, AestheticMLP(vision.config.projection_dim))
 
     if cfg.clip_model == "tiny":
@@ -103,9 +104,9 @@ def build_scorer(cfg, seed=0, random_weights=False, device=None):
         full = tiny_clip_vision_config()
         vision_config = full.vision_config
         vision_config.projection_dim = full.projection_dim
-        torch.manual_seed(seed)
-        vision = CLIPVisionModelWithProjection(vision_config)
-        mlp = AestheticMLP(vision_config.projection_dim)
+        with seeded(seed):
+            vision = CLIPVisionModelWithProjection(vision_config)
+            mlp = AestheticMLP(vision_config.projection_dim)
         if cfg.mlp_path:
             load_mlp(mlp, cfg, cfg.mlp_path)
         return AestheticScorer(vision, mlp)

@@ -71,8 +71,7 @@ def build_scorer(cfg, key, use_logit_scale, seed=0):
     if cfg.model == TINY:
         from alignprop.tiny import build_tiny_clip, clip_tokenizer
 
-        with torch.random.fork_rng(devices=[]):
-            model = build_tiny_clip(seed)
+        model = build_tiny_clip(seed)
         return CLIPSimilarityScorer(model, clip_tokenizer(), use_logit_scale=use_logit_scale)
 
     model = load_pretrained(CLIPModel, cfg.model, key=f"config.reward.{key}.model")

@@ -16,6 +16,7 @@ from torch import nn
 from alignprop.errors import ConfigError, first_line, library_message
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, prepare_scorer
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from alignprop.rng import seeded
 
 TINY = "tiny"
 
@@ -96,13 +97,12 @@ def build_scorer(cfg, key, seed=0, random_weights=False, device=None):
             f"config.reward.{key}.model={cfg.model!r} is not an open_clip architecture "
             f"(HPSv2 uses 'ViT-H-14'; 'tiny' builds a random tiny model); known: {', '.join(open_clip.list_models())}."
         )
-    if random_weights:
-        torch.manual_seed(seed)
-    else:  # weights first: offline, fail before building a 1B-parameter model
+    if not random_weights:  # weights first: offline, fail before building a 1B-parameter model
         path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
     # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
-    model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True,
-                                   device=(device or "cpu") if random_weights else "cpu")
+    build_device = (device or "cpu") if random_weights else "cpu"
+    with seeded(seed, build_device):
+        model = open_clip.create_model(cfg.model, pretrained=None, output_dict=True, device=build_device)
     if not random_weights:
         load_hps_checkpoint(model, path, _fix(cfg, key))
     return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
