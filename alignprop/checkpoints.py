@@ -1,62 +1,26 @@
-"""Checkpoints: the LoRA in diffusers' pipeline format plus accelerate's state, written atomically."""
+"""Checkpoints: the LoRA in the family's pipeline format plus accelerate's state, written atomically."""
 
 import json
 import os
-import re
 import shutil
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+from alignprop import lora
+from alignprop.lora import CHECKPOINT_RE
+
 PROGRESS = "progress.json"
 
 
-def lora_state_dict(unet):
-    """The UNet's LoRA weights in diffusers' format (keys as `StableDiffusionPipeline.load_lora_weights` expects)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def save_lora(unet, lora_config, directory):
-    """Write `pytorch_lora_weights.safetensors` loadable by `pipe.load_lora_weights(directory)`.
-
-    The adapter metadata is saved too: without it a LoRA with alpha != rank loads with the wrong scale.
-    """
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=lora_state_dict(unet),
-        unet_lora_adapter_metadata=lora_config.to_dict(),
-        safe_serialization=True,
-    )
-
-
-def load_lora(unet, directory):
-    """Load LoRA weights saved by `save_lora` into a UNet that already has the (same) adapter."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(directory, LORA_WEIGHTS))
-    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state), adapter_name="default")
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"LoRA weights in {directory} do not fit this UNet: {result.unexpected_keys[:5]}")
-
-
-def register_hooks(accelerator, unet, lora_config):
-    """Let accelerate's save_state/load_state write and read the LoRA in diffusers' format (not the whole UNet)."""
+def register_hooks(accelerator, family, denoiser, lora_config):
+    """Let accelerate's save_state/load_state write and read the LoRA file (not the whole denoiser)."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            save_lora(accelerator.unwrap_model(unet), lora_config, output_dir)
-        weights.clear()  # the full UNet is not saved
+            lora.save_lora(family, accelerator.unwrap_model(denoiser), lora_config, output_dir)
+        weights.clear()  # the full denoiser is not saved
 
     def load_hook(models, input_dir):
         models.clear()  # nothing for accelerate to load: the LoRA is loaded here
-        load_lora(accelerator.unwrap_model(unet), input_dir)
+        lora.load_into(accelerator.unwrap_model(denoiser), family, input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -72,6 +36,19 @@ def list_checkpoints(run_dir):
         if m and os.path.isfile(os.path.join(run_dir, name, PROGRESS)):
             found.append((int(m.group(1)), os.path.join(run_dir, name)))
     return [path for _, path in sorted(found)]
+
+
+def problems(config):
+    """`config.resume_from` must name a complete checkpoint, or a run folder that holds one."""
+    if not config.resume_from:
+        return []
+    if not os.path.exists(config.resume_from):
+        return [f"config.resume_from={config.resume_from!r}: no such run or checkpoint folder"]
+    try:
+        resolve_resume(config.resume_from)
+    except FileNotFoundError as e:
+        return [f"{e} Give a checkpoint_N folder or a run folder that holds one, or '' to start afresh."]
+    return []
 
 
 def resolve_resume(path):

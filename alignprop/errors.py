@@ -18,7 +18,7 @@ def offline_hint(key):
     """What to do when weights named by config `key` are neither local nor downloadable."""
     return (
         f"Check the name for typos. If this machine is offline (HF_HUB_OFFLINE=1, or no network), download the "
-        f"weights elsewhere (e.g. `huggingface-cli download <id>`) and either copy the hub cache (HF_HOME) here "
+        f"weights elsewhere (e.g. `hf download <id>`) and either copy the hub cache (HF_HOME) here "
         f"or point `{key}` at a local copy."
     )
 

@@ -1,14 +1,21 @@
-"""Drop-in layers that compute the same function as a torch layer with faster kernels.
+"""Drop-in layers that compute the same function as a torch or peft layer with faster kernels.
 
-The patch embedding of a ViT is a Conv2d whose kernel equals its stride (CLIP ViT-L/14: 3 -> 1024
-channels, 14x14 kernel, stride 14). cuDNN has no good backward-data kernel for that shape: on an H100
-the gradient with respect to the image took 242 ms for a batch of 4 (BENCHMARKS.md), more than the
-rest of the reward model. The same convolution is a reshape into non-overlapping patches and one
-matrix product, whose backward is two matrix products.
+- **Patch embeddings as matrix products.** The patch embedding of a ViT is a Conv2d whose kernel equals its
+  stride (CLIP ViT-L/14: 3 -> 1024 channels, 14x14 kernel, stride 14). cuDNN has no good backward-data
+  kernel for that shape: on an H100 the gradient with respect to the image took 242 ms for a batch of 4
+  (BENCHMARKS.md), more than the rest of the reward model. The same convolution is a reshape into
+  non-overlapping patches and one matrix product, whose backward is two matrix products.
+- **Merged LoRA forward.** peft computes LoRA as a side branch (x·Aᵀ·Bᵀ, in fp32 for fp32 adapters),
+  which roughly doubles the UNet forward time at SD 1.5 size. Folding the adapter into the weight,
+  W + scale·B·A (Hu et al. 2021), gives the plain model's speed, is differentiable in A and B, and is
+  recomputed from the current A and B at every access, so checkpoint recomputation of any granularity
+  sees the same weights. peft keeps owning the adapter (config, state dict, saving): only its forward
+  is switched.
 """
 
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 
 class PatchConv2d(nn.Conv2d):
@@ -53,3 +60,53 @@ def use_patch_matmuls(model):
         patch.train(conv.training)
         setattr(parent, child, patch)
     return len(targets)
+
+
+class _LoRADelta(nn.Module):
+    """Parametrization W -> W + scale·B·A; A and B are referenced, not registered (peft owns them)."""
+
+    def __init__(self, lora_A, lora_B, scaling):
+        super().__init__()
+        self._factors = (lora_A, lora_B)  # a tuple keeps them out of this module's parameters/state dict
+        self.scaling = scaling
+
+    def forward(self, weight):
+        lora_A, lora_B = self._factors
+        delta = (lora_B.weight @ lora_A.weight) * self.scaling
+        return weight + delta.to(weight.dtype)
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            yield module
+
+
+def merge_lora_forward(model, adapter="default"):
+    """Switch every peft LoRA Linear of `model` (adapter `adapter`) to the merged forward; returns the count."""
+    count = 0
+    for layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        base = layer.base_layer
+        if not isinstance(base, nn.Linear):
+            raise NotImplementedError(f"merged LoRA forward supports Linear layers, not {type(base).__name__}")
+        if layer.use_dora.get(adapter) or not isinstance(layer.lora_dropout[adapter], nn.Identity):
+            raise NotImplementedError("merged LoRA forward needs plain LoRA (no DoRA, no dropout)")
+        if parametrize.is_parametrized(base, "weight"):
+            continue
+        delta = _LoRADelta(layer.lora_A[adapter], layer.lora_B[adapter], layer.scaling[adapter])
+        parametrize.register_parametrization(base, "weight", delta, unsafe=True)
+        layer._disable_adapters = True  # peft's forward now calls base_layer(x) alone
+        count += 1
+    return count
+
+
+def unmerge_lora_forward(model):
+    """Back to peft's side-branch forward (the base weights are left exactly as they were)."""
+    for layer in lora_layers(model):
+        if parametrize.is_parametrized(layer.base_layer, "weight"):
+            parametrize.remove_parametrizations(layer.base_layer, "weight", leave_parametrized=False)
+            layer._disable_adapters = False

@@ -128,7 +128,8 @@ def _from_json(path):
         else:
             raise PromptError(
                 f"Prompt file {path!r}: entry {i} is {entry!r}; each entry must be a prompt string or an object "
-                f'with a string "prompt" and metadata keys, e.g. {{"prompt": "three apples", "object": "apple", "count": 3}}.'
+                f'with a string "prompt" and metadata keys, e.g. '
+                f'{{"prompt": "three apples", "object": "apple", "count": 3}}.'
             )
     if any(not prompt.strip() for prompt, _ in items):
         raise PromptError(f"Prompt file {path!r} holds an empty prompt.")
@@ -217,67 +218,83 @@ def _round_robin(lists):
         yield [lst[i] for lst in lists if i < len(lst)]
 
 
-# name -> factory(argument) where argument is the text after "name:" (None when absent).
+@dataclasses.dataclass(frozen=True)
+class Declared:
+    """A registered prompt set: its factory, the metadata keys its items carry, and its path argument if any."""
+
+    factory: object  # factory(argument) -> PromptSet; argument = the text after "name:" (None when absent)
+    metadata: tuple = ()
+    argument: str = None  # "PATH" (a file, required) or "FOLDER" (optional): a local path after "name:"
+
+
 PROMPT_SETS = {
-    "simple_animals": lambda arg: _from_list("simple_animals", SIMPLE_ANIMALS),
-    "eval_simple_animals": lambda arg: _from_list("eval_simple_animals", EVAL_SIMPLE_ANIMALS),
-    "counting": lambda arg: counting("counting", COUNTING_OBJECTS),
-    "eval_counting": lambda arg: counting("eval_counting", EVAL_COUNTING_OBJECTS),
-    "hps_v2_train": lambda arg: hps_v2("train", arg),
-    "hps_v2_eval": lambda arg: hps_v2("eval", arg),
-    "from_file": from_file,
+    "simple_animals": Declared(lambda arg: _from_list("simple_animals", SIMPLE_ANIMALS)),
+    "eval_simple_animals": Declared(lambda arg: _from_list("eval_simple_animals", EVAL_SIMPLE_ANIMALS)),
+    "counting": Declared(lambda arg: counting("counting", COUNTING_OBJECTS), ("object", "count")),
+    "eval_counting": Declared(lambda arg: counting("eval_counting", EVAL_COUNTING_OBJECTS), ("object", "count")),
+    "hps_v2_train": Declared(lambda arg: hps_v2("train", arg), ("style",), "FOLDER"),
+    "hps_v2_eval": Declared(lambda arg: hps_v2("eval", arg), ("style",), "FOLDER"),
+    "from_file": Declared(from_file, argument="PATH"),
 }
-# Sets that take a local path argument: name -> (placeholder in messages, argument required?, kind).
-PATH_ARGUMENTS = {
-    "from_file": ("PATH", True, "file"),
-    "hps_v2_train": ("FOLDER", False, "folder"),
-    "hps_v2_eval": ("FOLDER", False, "folder"),
-}
-# Metadata keys every item of a built-in set carries (files: unknown until read).
-METADATA_KEYS = {
-    "simple_animals": (),
-    "eval_simple_animals": (),
-    "counting": ("object", "count"),
-    "eval_counting": ("object", "count"),
-    "hps_v2_train": ("style",),
-    "hps_v2_eval": ("style",),
-}
-
-
-def _parse(spec):
-    name, sep, arg = spec.partition(":")
-    return name, (arg if sep else None)
 
 
 def valid_names():
-    names = [n for n in sorted(PROMPT_SETS) if n not in PATH_ARGUMENTS or not PATH_ARGUMENTS[n][1]]
-    return names + [f"{n}:{PATH_ARGUMENTS[n][0]}" for n in sorted(PATH_ARGUMENTS)]
+    names = [n for n in sorted(PROMPT_SETS) if PROMPT_SETS[n].argument != "PATH"]
+    return names + [f"{n}:{d.argument}" for n, d in sorted(PROMPT_SETS.items()) if d.argument]
 
 
-def check_name(name, key="prompt_fn"):
-    """Raise a PromptError naming the config key unless `name` is a registered set or a valid `set:PATH` spec."""
-    set_name, arg = _parse(name) if isinstance(name, str) else (None, None)
-    if set_name in PROMPT_SETS:
-        takes = PATH_ARGUMENTS.get(set_name)
-        if (arg is None and not (takes and takes[1])) or (arg and takes):
-            return
-    raise PromptError(f"config.{key}={name!r} is not a prompt set; valid: {', '.join(valid_names())}.")
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+    """A prompt-set spec string (`config.prompt_fn`, `config.eval_prompt_fn`) parsed once."""
+
+    name: str
+    argument: str = None
+
+    def build(self):
+        return PROMPT_SETS[self.name].factory(self.argument)
 
 
-def local_path(name):
-    """(path, 'file' | 'folder') named by a `set:PATH` spec, or None."""
-    set_name, arg = _parse(name)
-    if arg and set_name in PATH_ARGUMENTS:
-        return arg, PATH_ARGUMENTS[set_name][2]
-    return None
+def parse(text, key="prompt_fn"):
+    """'name' or 'name:ARG' -> PromptSpec; a PromptError naming the key and the valid names otherwise."""
+    name, sep, arg = text.partition(":") if isinstance(text, str) else (None, "", "")
+    declared = PROMPT_SETS.get(name)
+    if declared and ((not sep and declared.argument != "PATH") or (arg and declared.argument)):
+        return PromptSpec(name, arg or None)
+    raise PromptError(f"config.{key}={text!r} is not a prompt set; valid: {', '.join(valid_names())}.")
 
 
-def metadata_keys(name):
-    """Metadata keys every item of set `name` carries, or None when only reading the file can tell."""
-    return METADATA_KEYS.get(_parse(name)[0])
+def problems(config):
+    """Start-up checks of the prompt-set spec strings (reading them is `load`'s)."""
+    out = []
+    for key in ("prompt_fn", "eval_prompt_fn"):
+        try:
+            parse(config[key], key)
+        except PromptError as e:
+            out.append(str(e))
+    return out
 
 
-def make_prompt_set(name, key="prompt_fn"):
-    check_name(name, key)
-    set_name, arg = _parse(name)
-    return PROMPT_SETS[set_name](arg)
+def make_prompt_set(text, key="prompt_fn"):
+    return parse(text, key).build()
+
+
+def load(config, key, reward_spec):
+    """The prompt set of `config.<key>`, checked against the rewards of `reward_spec` (None: unchecked).
+
+    Every item's metadata must suit the rewards (a prompt file is read here, once, at start-up).
+    """
+    spec = parse(config[key], key)
+    try:
+        prompt_set = spec.build()
+    except PromptError as e:
+        raise PromptError(f"config.{key}={config[key]!r}: {e}") from None
+    for prompt, metadata in prompt_set.items if reward_spec is not None else ():
+        problem = reward_spec.metadata_problem(metadata)
+        if problem:
+            givers = [n for n, d in PROMPT_SETS.items() if set(reward_spec.metadata()) <= set(d.metadata)]
+            raise PromptError(
+                f"config.{key}={config[key]!r}: prompt {prompt!r} {problem}, which config.reward_fn="
+                f"{config.reward_fn!r} needs; use {' or '.join(givers)}, or a JSON prompt file with "
+                f"{'/'.join(reward_spec.metadata())} keys"
+            )
+    return prompt_set

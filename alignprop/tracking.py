@@ -28,6 +28,41 @@ def _writing(path, what):
         ) from e
 
 
+def unwritable(path):
+    """Why a folder cannot be made or written at `path`, or None. Creates nothing (the run folder does, later)."""
+    existing = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing!r} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing!r} is not writable by this user"
+    return None
+
+
+def problems(config):
+    """The run folder must be creatable and writable: under `config.logdir`, or the resumed run's own folder."""
+    from alignprop import checkpoints
+
+    if config.resume_from:
+        try:
+            run_dir = os.path.dirname(os.path.abspath(checkpoints.resolve_resume(config.resume_from)))
+        except FileNotFoundError:
+            return []  # reported by checkpoints.problems
+        why = unwritable(run_dir)
+        return (
+            [f"config.resume_from={config.resume_from!r}: a resumed run writes to its own folder, but {why}"]
+            if why
+            else []
+        )
+    why = unwritable(config.logdir)
+    if why:
+        return [
+            f"config.logdir={config.logdir!r}: run folders cannot be created there: {why}; set it to a writable folder"
+        ]
+    return []
+
+
 class RunFolder:
     """`logdir/run_name/` with config.json, metrics.jsonl, images/ and checkpoints; written by one process."""
 

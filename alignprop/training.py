@@ -1,16 +1,40 @@
-"""One AlignProp optimizer step: prompts -> rollout with truncated backprop -> reward -> loss -> update."""
+"""One optimizer step: prompts -> rollout with truncated backprop -> reward -> loss -> update."""
 
 import dataclasses
+import importlib.util
 import time
 
 import torch
 from torch.autograd.profiler import record_function
-from torch.utils.checkpoint import checkpoint
 
-from alignprop.models import encode_prompts, latent_shape
+from alignprop import lora, speed
 from alignprop.rewards import reward_loss
-from alignprop.sampling import SamplingSpec, initial_latents, sample_images
-from alignprop.truncation import draw_grad_steps
+from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
+from alignprop.rollout import Rollout, SampleSpec, grad_suffix
+
+
+def problems(config):
+    """Start-up checks of the optimizer and loss keys of `config.train` (and of `config.lora`)."""
+    t = config.train
+    out = [
+        f"config.train.{key}={t[key]!r}: {why}"
+        for key, ok, why in (
+            ("learning_rate", t.learning_rate > 0, "must be > 0"),
+            ("adam_beta1", 0 <= t.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_weight_decay", t.adam_weight_decay >= 0, "must be >= 0"),
+            ("adam_epsilon", t.adam_epsilon > 0, "must be > 0"),
+            ("max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
+            ("loss_coeff", t.loss_coeff > 0, "must be > 0"),
+            ("max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
+        )
+        if not ok
+    ]
+    if t.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        out.append(
+            "config.train.use_8bit_adam=True: needs bitsandbytes (`pip install bitsandbytes`), or set it to False"
+        )
+    return out + lora.problems(config)
 
 
 def build_optimizer(params, train):
@@ -31,60 +55,118 @@ def build_optimizer(params, train):
 
 
 @dataclasses.dataclass
-class TrainContext:
-    """Everything a training step uses, built once at start-up."""
+class Trainer:
+    """Everything a training step uses, built once at start-up (`make_trainer`)."""
 
     accelerator: object
-    unet: torch.nn.Module  # as returned by accelerator.prepare (DDP-wrapped on several GPUs)
-    components: object
-    reward_fn: object
+    rollout: Rollout  # its grad steps run through the prepared (DDP-wrapped) denoiser
+    reward_fn: object  # (images, prompts, metadata) -> (total, components, info), as training calls it
     prompt_set: object
+    truncation: object  # draws K once per rollout
     optimizer: object
-    params: list
-    spec: SamplingSpec
-    train: object  # config.train
-    reward_target: float
+    params: list  # the LoRA parameters (fp32)
+    streams: RandomStreams
+    batch_size: int  # per micro-batch (per GPU)
     accumulation_steps: int
-    batch_size: int
-    streams: object  # RandomStreams
-    negative_prompt_embeds: torch.Tensor  # [1, 77, D], the empty prompt
-    nograd_unet: torch.nn.Module = None  # runs the steps before the cut (the raw or compiled UNet)
+    loss_coeff: float
+    reward_target: float = None
+    max_grad_norm: float = 5.0
 
 
-def micro_batch(ctx):
-    """One rollout of `batch_size` samples with gradients; returns (loss, rewards, info, prompts, K, images)."""
-    prompts, metadata = zip(*(ctx.prompt_set(ctx.streams.prompts) for _ in range(ctx.batch_size)))
-    components = ctx.components
-    prompt_embeds = encode_prompts(components.text_encoder, components.tokenizer, prompts)
-    negative = ctx.negative_prompt_embeds.expand(len(prompts), -1, -1)
-    t = ctx.train
-    k = draw_grad_steps(
-        t.truncation, ctx.spec.num_steps, ctx.streams.truncation, t.k, t.k_min, t.k_max, t.cut_mean, t.cut_std
+@dataclasses.dataclass
+class Samples:
+    """What a step leaves besides its metrics: this process's prompts, and its last micro-batch's images."""
+
+    prompts: list
+    images: torch.Tensor = None  # [B, 3, H, W] in [0, 1] on the CPU, on the steps that keep them
+    image_prompts: list = None
+    rewards: torch.Tensor = None
+
+
+def add_lora(config, family, components, device):
+    """The trainable LoRA on the denoiser (lora_A from its own seed; lora_B starts at zero). Returns its config."""
+    with seeded(derive_seed(config.seed, 0, LORA_STREAM), device):
+        return lora.add_lora(
+            components.denoiser, config.lora.rank, config.lora.alpha, config.lora.targets or family.lora_targets
+        )
+
+
+def make_trainer(config, settings, accelerator, components, reward_fn):
+    """Add LoRA to the (frozen, cast) denoiser, prepare it for speed, build the optimizer, prepare for
+    (multi-)GPU and seed the streams. Returns (trainer, lora_config).
+
+    The grad steps go through the module `accelerator.prepare` returns, or DDP never syncs the LoRA gradients.
+    """
+    from alignprop import checkpoints
+
+    lora_config = add_lora(config, settings.family, components, accelerator.device)
+    prepared = speed.prepare(components, config.speed)
+    params = lora.trainable_parameters(components.denoiser)
+    optimizer = build_optimizer(params, config.train)
+    train_denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
+    streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
+    checkpoints.register_hooks(accelerator, settings.family, components.denoiser, lora_config)
+    accelerator.register_for_checkpointing(streams)
+    rollout = Rollout(
+        settings.family,
+        components,
+        SampleSpec.from_config(config.sample),
+        prepared,
+        train_denoiser,
+        progress=config.sample.progress_bar and accelerator.is_main_process,
     )
-    shape = latent_shape(components.unet, components.vae, ctx.spec.height, ctx.spec.width)
-    sigma = components.scheduler.init_noise_sigma
-    latents = initial_latents(len(prompts), shape, ctx.streams.noise, ctx.accelerator.device, init_noise_sigma=sigma)
-    images = sample_images(
-        ctx.unet, components.vae, components.scheduler, prompt_embeds, negative, latents, ctx.spec, k,
-        ctx.streams.noise, nograd_unet=ctx.nograd_unet,
+    trainer = Trainer(
+        accelerator=accelerator,
+        rollout=rollout,
+        reward_fn=speed.reward_call(reward_fn, config.speed),
+        prompt_set=settings.prompts,
+        truncation=settings.truncation,
+        optimizer=optimizer,
+        params=params,
+        streams=streams,
+        batch_size=settings.plan.batch_size_per_gpu,
+        accumulation_steps=settings.plan.accumulation_steps,
+        loss_coeff=config.train.loss_coeff,
+        reward_target=config.reward.target,
+        max_grad_norm=config.train.max_grad_norm,
     )
+    return trainer, lora_config
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    loss: torch.Tensor
+    rewards: torch.Tensor  # [B], detached
+    components: dict
+    info: dict
+    prompts: list
+    k: int
+    images: torch.Tensor  # detached
+
+
+def micro_batch(trainer):
+    """One rollout of `batch_size` samples with gradients through its last K denoiser calls."""
+    prompts, metadata = zip(*(trainer.prompt_set(trainer.streams.prompts) for _ in range(trainer.batch_size)))
+    prompts, metadata = list(prompts), list(metadata)
+    rollout = trainer.rollout
+    cond = rollout.encode(prompts)
+    k = trainer.truncation.draw(trainer.streams.truncation)
+    latents = rollout.initial_latents(len(prompts), trainer.streams.noise)
+    images = rollout(cond, latents, grad_suffix(len(rollout.schedule), k), trainer.streams.noise)
     with record_function("alignprop.reward"):
-        if t.checkpoint_reward:
-            rewards, info = checkpoint(ctx.reward_fn, images, list(prompts), list(metadata), use_reentrant=False)
-        else:
-            rewards, info = ctx.reward_fn(images, list(prompts), list(metadata))
-    loss = reward_loss(rewards, ctx.reward_target) * t.loss_coeff
+        rewards, components, info = trainer.reward_fn(images, prompts, metadata)
+    loss = reward_loss(rewards, trainer.reward_target) * trainer.loss_coeff
     if torch.is_grad_enabled() and not loss.requires_grad:
         raise RuntimeError(
             "The reward function returned rewards with no gradient w.r.t. the images, so there is nothing to "
             "backpropagate. AlignProp needs a differentiable reward: keep the computation in torch on the "
             "images it is given (no .detach(), .item(), .cpu().numpy(), PIL or torch.no_grad())."
         )
-    return loss, rewards.detach(), info, list(prompts), k, images.detach()
+    return MicroBatch(loss, rewards.detach(), components, info, prompts, k, images.detach())
 
 
 def reduce_info(accelerator, infos):
-    """Per-sample tensors of the rewards' `info` dicts -> `reward/<key>` means over all processes."""
+    """Per-sample tensors of `{name: [B]}` dicts -> `reward/<name>` means over all processes."""
     out = {}
     for key in infos[0] if infos else ():
         values = torch.cat([torch.as_tensor(info[key]).detach().float().reshape(-1) for info in infos])
@@ -107,12 +189,6 @@ def gpu_peaks_gib(accelerator):
     return accelerator.gather(peak).tolist()
 
 
-def gpu_peak_gib(accelerator):
-    """The largest peak of allocated GPU memory over the processes (GiB), or None without CUDA."""
-    peaks = gpu_peaks_gib(accelerator)
-    return None if peaks is None else max(peaks)
-
-
 def zero_gradient_warning(metrics):
     """What to tell the user when an applied optimizer step had an exactly zero gradient, else None."""
     if metrics["grad_norm"] != 0.0 or metrics["skipped"]:
@@ -125,121 +201,69 @@ def zero_gradient_warning(metrics):
     )
 
 
-def train_step(ctx, keep_samples=False):
-    """One optimizer step over `accumulation_steps` micro-batches; returns metrics reduced over processes.
+def train_step(trainer, keep_samples=False):
+    """One optimizer step over `accumulation_steps` micro-batches -> (metrics reduced over processes, Samples).
 
     A non-finite loss on any process, or non-finite gradients without a GradScaler, skips the update
     (gradients dropped, nothing applied); `nonfinite` counts them. fp16 overflow in the gradients is left
     to the GradScaler, which skips the step and lowers its scale (`skipped` = 1, `nonfinite` = 0).
-    With `keep_samples`, `metrics["samples"]` holds this process's last micro-batch (images, prompts, rewards).
+    With `keep_samples` the Samples hold this process's last micro-batch (a device-to-host copy).
     """
-    accelerator = ctx.accelerator
+    accelerator = trainer.accelerator
     start = time.perf_counter()
-    losses, all_rewards, ks, prompts, infos = [], [], [], [], []
+    batches = []
     nonfinite = torch.zeros((), device=accelerator.device)
     grad_norm = torch.tensor(float("nan"))
-    for _ in range(ctx.accumulation_steps):
-        with accelerator.accumulate(ctx.unet), accelerator.autocast():
-            loss, rewards, info, batch_prompts, k, images = micro_batch(ctx)
-            finite = torch.isfinite(loss.detach())
+    for _ in range(trainer.accumulation_steps):
+        with accelerator.accumulate(trainer.rollout.train_denoiser), accelerator.autocast():
+            batch = micro_batch(trainer)
+            finite = torch.isfinite(batch.loss.detach())
             nonfinite += (~finite).float()
             # Backward even when non-finite: under DDP every rank must join the all-reduce.
             with record_function("alignprop.backward"):
-                accelerator.backward(torch.where(finite, loss, torch.zeros_like(loss)))
+                accelerator.backward(torch.where(finite, batch.loss, torch.zeros_like(batch.loss)))
             if accelerator.sync_gradients:
                 nonfinite = accelerator.reduce(nonfinite, reduction="sum")
                 if nonfinite.item() == 0:
-                    grad_norm = accelerator.clip_grad_norm_(ctx.params, ctx.train.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(trainer.params, trainer.max_grad_norm)
                     # The norm of the synced gradients: every rank takes the same decision. With fp16's
                     # GradScaler an inf norm is its normal signal (it skips the step and lowers the scale).
                     if torch.isfinite(grad_norm) or accelerator.scaler is not None:
                         with record_function("alignprop.optimizer"):
-                            ctx.optimizer.step()
+                            trainer.optimizer.step()
                     else:
                         nonfinite += 1
-                ctx.optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        all_rewards.append(rewards)
-        ks.append(k)
-        infos.append(info)
-        prompts.extend(batch_prompts)
-    rewards = accelerator.gather(torch.cat(all_rewards).float())
+                trainer.optimizer.zero_grad(set_to_none=True)
+        batches.append(batch)
+    rewards = accelerator.gather(torch.cat([b.rewards for b in batches]).float())
     # Mean loss and mean K over all processes, in one reduction.
-    k_mean = torch.tensor(sum(ks) / len(ks), device=accelerator.device)
-    loss, k_mean = accelerator.reduce(torch.stack([torch.stack(losses).mean().float(), k_mean]), reduction="mean")
-    grad_norm = float(grad_norm)
+    means = torch.stack(
+        [
+            torch.stack([b.loss.detach() for b in batches]).mean().float(),
+            torch.tensor(sum(b.k for b in batches) / len(batches), device=accelerator.device),
+        ]
+    )
+    loss, k_mean = accelerator.reduce(means, reduction="mean")
     skipped = nonfinite.item() > 0 or bool(getattr(accelerator, "optimizer_step_was_skipped", False))
-    peak = gpu_peak_gib(accelerator)
-    if keep_samples:  # a device-to-host copy: only on the steps that log images
-        samples = {"images": images.float().cpu(), "prompts": batch_prompts, "rewards": all_rewards[-1].cpu()}
-    return {
-        **({"samples": samples} if keep_samples else {}),
-        **reduce_info(accelerator, infos),
+    peak = gpu_peaks_gib(accelerator)
+    metrics = {
+        **reduce_info(accelerator, [{**b.components, **b.info} for b in batches]),
         "loss": loss.item(),
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
         "k_mean": k_mean.item(),
-        "grad_norm": grad_norm,
+        "grad_norm": float(grad_norm),
         "nonfinite": int(nonfinite.item()),
         "skipped": int(skipped),
         "seconds": time.perf_counter() - start,
-        **({"gpu_peak_gib": peak} if peak is not None else {}),
-        "prompts": prompts,
+        **({"gpu_peak_gib": max(peak)} if peak is not None else {}),
     }
-
-
-def sampling_spec(config, progress=False):
-    """The rollout settings of a config (shared by training, evaluation and the soup evaluation)."""
-    return SamplingSpec(
-        progress=progress,
-        num_steps=config.sample.num_steps,
-        guidance_scale=config.sample.guidance_scale,
-        eta=config.sample.eta,
-        height=config.sample.height,
-        width=config.sample.width,
-        checkpoint_grad_steps=config.train.gradient_checkpointing,
-        decode_batch_size=config.train.decode_batch_size,
-        checkpoint_decode=config.train.checkpoint_decode,
-        uncheckpointed_steps=config.train.uncheckpointed_steps,
-    )
-
-
-def make_context(config, accelerator, components, reward_fn, prompt_set, plan):
-    """Add LoRA to the (frozen, cast) UNet, build the optimizer, prepare for (multi-)GPU, seed the streams.
-
-    Returns (ctx, lora_config). The forward pass goes through the prepared module, or DDP never syncs
-    the LoRA gradients.
-    """
-    from alignprop.checkpoints import register_hooks
-    from alignprop.models import add_lora, compile_models, set_up_forward, trainable_parameters
-    from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
-
-    # lora_A's initial weights from their own seed (lora_B starts at zero), not from the global RNG.
-    with seeded(derive_seed(config.seed, 0, LORA_STREAM), accelerator.device):
-        lora_config = add_lora(components.unet, config.lora.rank, config.lora.alpha)
-    set_up_forward(components.unet, config.train)
-    params = trainable_parameters(components.unet)
-    optimizer = build_optimizer(params, config.train)
-    unet, optimizer = accelerator.prepare(components.unet, optimizer)
-    streams = RandomStreams(config.seed, accelerator.process_index, accelerator.device)
-    register_hooks(accelerator, components.unet, lora_config)
-    accelerator.register_for_checkpointing(streams)
-    spec = sampling_spec(config, progress=config.sample.progress_bar and accelerator.is_main_process)
-    ctx = TrainContext(
-        accelerator=accelerator,
-        unet=unet,
-        components=components,
-        reward_fn=reward_fn,
-        prompt_set=prompt_set,
-        optimizer=optimizer,
-        params=params,
-        spec=spec,
-        train=config.train,
-        reward_target=config.reward.target,
-        accumulation_steps=plan.accumulation_steps,
-        batch_size=plan.batch_size_per_gpu,
-        streams=streams,
-        negative_prompt_embeds=encode_prompts(components.text_encoder, components.tokenizer, [""]),
-        nograd_unet=compile_models(components, config.train),
-    )
-    return ctx, lora_config
+    last = batches[-1]
+    samples = Samples([p for b in batches for p in b.prompts])
+    if keep_samples:
+        samples.images, samples.image_prompts, samples.rewards = (
+            last.images.float().cpu(),
+            last.prompts,
+            last.rewards.cpu(),
+        )
+    return metrics, samples

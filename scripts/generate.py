@@ -1,123 +1,127 @@
-"""Generate PNG images with the base model plus zero or more LoRAs, through diffusers' StableDiffusionPipeline.
+"""Generate PNG images with the base model plus zero or more LoRAs, through the family's diffusers pipeline.
 
     python scripts/generate.py --lora logs/aesthetic/RUN:1.0 --prompt "a photo of an owl" --prompt "a koala" \
         --out generated/aesthetic
     python scripts/generate.py --lora logs/aesthetic/RUN:0.5 --lora logs/hps/RUN:0.5 \
         --prompt_set eval_simple_animals --out generated/soup            # two LoRAs mixed in ΔW space
     python scripts/generate.py --lora logs/aesthetic/RUN/checkpoint_8:1.0 --fuse exported/aesthetic_sd15
-    python scripts/generate.py --model tiny --prompt_file prompts.txt --num_steps 8 --out /tmp/gen   # offline CPU
+    python scripts/generate.py --config config/align_prop.py:tiny --lora logs/tiny/RUN \
+        --prompt_set eval_simple_animals --out /tmp/gen                  # offline CPU, tiny models
 
-A LoRA is a run folder, a checkpoint_N folder or a .safetensors file, with an optional weight (PATH:WEIGHT,
-default 1). Image i (prompts in order) uses the noise of seed `--seed + i`, whatever the batch size.
-`--fuse OUT_DIR` also writes a full diffusers pipeline folder with the weighted LoRAs merged into the UNet,
-loadable with `StableDiffusionPipeline.from_pretrained(OUT_DIR)` (or `--model OUT_DIR`); prompts are then optional.
+The model and the sampling settings are those of the config (`--config FILE:EXPERIMENT`, default the
+aesthetic experiment's SD 1.5; `--config.model.source=...`, `--config.sample.num_steps=...`,
+`--config.sample.guidance_scale=...`, `--config.sample.height/width=...`, `--config.mixed_precision=...`,
+checked as training checks them). A LoRA is a run folder, a checkpoint_N folder or a .safetensors file,
+with an optional weight (PATH:WEIGHT, default 1). Image i (prompts in order) uses the noise of seed
+`--seed + i`, whatever the batch size. `--fuse OUT_DIR` also writes a full diffusers pipeline folder with
+the weighted LoRAs merged into the denoiser (loadable with `from_pretrained(OUT_DIR)`); prompts are then optional.
 """
 
+import argparse
 import json
+import logging
 import os
+import sys
 
-from absl import app, flags, logging
+from alignprop import config as configs, mixing, prompts
+from alignprop.errors import UserError
 
-from alignprop import mixing, prompts
-
-flags.DEFINE_string("model", "runwayml/stable-diffusion-v1-5", "Hub id, local diffusers folder, single file, or 'tiny'.")
-flags.DEFINE_string("revision", "main", "Hub revision of --model.")
-flags.DEFINE_integer("tiny_seed", 42, "Seed of the random weights of --model tiny (config.seed of the tiny training run).")
-flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
-flags.DEFINE_string("prompt_file", "", "Text file with one prompt per line, or a JSON list (see alignprop/prompts.py).")
-flags.DEFINE_string("prompt_set", "", f"A prompt set: {', '.join(prompts.valid_names())}.")
-flags.DEFINE_multi_string("lora", [], "PATH or PATH:WEIGHT of a LoRA (repeat the flag to mix several).")
-flags.DEFINE_integer("seed", 0, "Image i uses the initial noise of seed + i.")
-flags.DEFINE_integer("num_steps", 50, "DDIM steps.")
-flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance weight (<= 1 disables guidance).")
-flags.DEFINE_integer("batch_size", 4, "Images per pipeline call.")
-flags.DEFINE_integer("height", None, "Image height in pixels (default: the model's native size).")
-flags.DEFINE_integer("width", None, "Image width in pixels (default: the model's native size).")
-flags.DEFINE_string("out", "generated", "Folder for the PNG images and prompts.json.")
-flags.DEFINE_string("fuse", "", "Also write a diffusers pipeline folder with the LoRAs merged into the UNet here.")
-flags.DEFINE_string("device", "", "Torch device (default: cuda if available, else cpu).")
-flags.DEFINE_enum("mixed_precision", None, ["no", "fp16", "bf16"], "Weights dtype (default: fp16 on CUDA, no on CPU).")
-FLAGS = flags.FLAGS
+logger = logging.getLogger("alignprop.generate")
 
 
-def read_prompts():
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat the flag for several)")
+    p.add_argument("--prompt_file", default="", help="one prompt per line, or a JSON list (alignprop/prompts.py)")
+    p.add_argument("--prompt_set", default="", help=f"a prompt set: {', '.join(prompts.valid_names())}")
+    p.add_argument("--lora", action="append", default=[], help="PATH or PATH:WEIGHT of a LoRA (repeatable: a mix)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses the initial noise of seed + i")
+    p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call")
+    p.add_argument("--out", default="generated", help="folder for the PNG images and prompts.json")
+    p.add_argument("--fuse", default="", help="also write a pipeline folder with the LoRAs merged in, here")
+    p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
+    return p
+
+
+def read_prompts(args):
     """The prompts of --prompt, then --prompt_file, then --prompt_set, in order."""
-    out = list(FLAGS.prompt)
-    if FLAGS.prompt_file:
-        out += [p for p, _ in prompts.from_file(FLAGS.prompt_file).items]
-    if FLAGS.prompt_set:
-        try:
-            prompts.check_name(FLAGS.prompt_set)
-        except prompts.PromptError:
-            raise prompts.PromptError(
-                f"--prompt_set={FLAGS.prompt_set!r} is not a prompt set; valid: {', '.join(prompts.valid_names())}."
-            ) from None
-        out += [p for p, _ in prompts.make_prompt_set(FLAGS.prompt_set).items]
+    out = list(args.prompt)
+    if args.prompt_file:
+        out += [p for p, _ in prompts.from_file(args.prompt_file).items]
+    if args.prompt_set:
+        out += [p for p, _ in prompts.make_prompt_set(args.prompt_set, "prompt_set").items]
     return out
 
 
-def check_flags():
-    """Every flag mistake, reported before any model loads (a typo fails in a second, not after loading SD)."""
-    loras = [mixing.parse_lora_spec(spec) for spec in FLAGS.lora]
+def check(args, config):
+    """Every flag and config mistake, reported before any model loads."""
+    configs.check_sampling(config)
+    loras = [mixing.parse_lora_spec(spec) for spec in args.lora]
     for path, _ in loras:
-        mixing.lora_file(path)
-    texts = read_prompts()
-    if not texts and not FLAGS.fuse:
-        raise ValueError("No prompts: give --prompt TEXT (repeatable), --prompt_file PATH or --prompt_set NAME.")
-    for name in ("num_steps", "batch_size"):
-        if FLAGS[name].value < 1:
-            raise ValueError(f"--{name}={FLAGS[name].value} must be >= 1.")
+        mixing.lora.lora_file(path)
+    texts = read_prompts(args)
+    if not texts and not args.fuse:
+        raise configs.ConfigError(
+            "No prompts: give --prompt TEXT (repeatable), --prompt_file PATH or --prompt_set NAME."
+        )
+    if args.batch_size < 1:
+        raise configs.ConfigError(f"--batch_size={args.batch_size} must be >= 1.")
     return loras, texts
 
 
-def main(_):
-    try:
-        loras, texts = check_flags()
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
+def generate(args, config):
+    loras, texts = check(args, config)
 
     import torch
 
-    from alignprop import generation, models
+    from alignprop import families, speed
 
-    device = torch.device(FLAGS.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = FLAGS.mixed_precision or ("fp16" if device.type == "cuda" else "no")
-    if precision == "fp16" and device.type == "cpu":
-        raise SystemExit("--mixed_precision=fp16 needs a CUDA GPU; use 'no' or 'bf16' on the CPU.")
-    components = models.load_components(FLAGS.model, FLAGS.revision, seed=FLAGS.tiny_seed)
-    models.freeze_and_cast(components, device, models.inference_dtype(precision))
-    pipe = generation.build_pipeline(components)
-    names = [f"lora_{i}" for i in range(len(loras))]
-    for name, (path, weight) in zip(names, loras):
-        file = mixing.load_lora(pipe, path, name)
-        logging.info("LoRA %s: %s, weight %g", name, file, weight)
-    if loras:
-        mixing.set_mix(pipe, names, [weight for _, weight in loras])
-
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    speed.check_precision(config.mixed_precision, device)
+    family, source = families.resolve(config.model)
+    components = families.load_frozen(family, source, config, device)
+    height, width = family.image_size(components, config.sample.height, config.sample.width)
+    family.check_size(components, height, width)
+    for name, file, weight in mixing.load_mix(components.denoiser, family, loras):
+        logger.info("LoRA %s: %s, weight %g", name, file, weight)
+    pipe = family.pipeline(components)
+    pipe.set_progress_bar_config(disable=True)
+    s = config.sample
     if texts:
-        images = generation.generate(
-            pipe, texts, FLAGS.seed, FLAGS.num_steps, FLAGS.guidance_scale, FLAGS.batch_size, FLAGS.height, FLAGS.width
-        )
-        os.makedirs(FLAGS.out, exist_ok=True)
+        images = mixing.generate(pipe, texts, args.seed, s.num_steps, s.guidance_scale, args.batch_size, height, width)
+        os.makedirs(args.out, exist_ok=True)
         records = []
         for i, (text, image) in enumerate(zip(texts, pipe.numpy_to_pil(images))):
             file = f"{i:05d}.png"
-            image.save(os.path.join(FLAGS.out, file))
-            records.append({"file": file, "prompt": text, "seed": FLAGS.seed + i})
+            image.save(os.path.join(args.out, file))
+            records.append({"file": file, "prompt": text, "seed": args.seed + i})
         settings = {
-            "model": FLAGS.model,
+            "model": config.model.source,
+            "family": config.model.family,
             "loras": [{"path": path, "weight": weight} for path, weight in loras],
-            "num_steps": FLAGS.num_steps,
-            "guidance_scale": FLAGS.guidance_scale,
-            "mixed_precision": precision,
+            "num_steps": s.num_steps,
+            "guidance_scale": s.guidance_scale,
+            "height": height,
+            "width": width,
+            "mixed_precision": config.mixed_precision,
         }
-        with open(os.path.join(FLAGS.out, "prompts.json"), "w") as f:
+        with open(os.path.join(args.out, "prompts.json"), "w") as f:
             json.dump({"settings": settings, "images": records}, f, indent=2)
-        logging.info("%d images in %s", len(records), FLAGS.out)
-    if FLAGS.fuse:
-        generation.export_fused(pipe, FLAGS.fuse)
-        logging.info("diffusers pipeline folder (%d LoRAs merged): %s", len(loras), FLAGS.fuse)
+        logger.info("%d images in %s", len(records), args.out)
+    if args.fuse:
+        mixing.export_fused(pipe, family, args.fuse)
+        logger.info("diffusers pipeline folder (%d LoRAs merged): %s", len(loras), args.fuse)
+
+
+def main(argv):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec, overrides, rest = configs.split_command_line(argv)
+        args = parser().parse_args(rest)
+        generate(args, configs.load(spec, overrides))
+    except UserError as e:  # flag and config mistakes, missing or broken weights and LoRAs
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main(sys.argv[1:])

@@ -1,28 +1,25 @@
-"""AlignProp training: backpropagate a differentiable reward through the DDIM chain into LoRA weights.
+"""AlignProp training: backpropagate a differentiable reward through the sampling chain into LoRA weights.
 
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
     python scripts/train.py --config config/align_prop.py:tiny          # offline, CPU, seconds
+    python scripts/train.py --help                                      # the experiments
 """
 
 import datetime
 import json
+import logging
 import os
 import sys
 
-from absl import app, logging
-from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from alignprop import checkpoints, models, prompts, rewards
+from alignprop import checkpoints, config as configs, families, lora, rewards, speed, training
 from alignprop.errors import UserError
-from alignprop.evaluation import columns_reward_fn, eval_items, evaluate, reward_columns, summarize
+from alignprop.evaluation import eval_items, evaluate, reward_columns, summarize
 from alignprop.interrupt import StopRequest
-from alignprop.plan import make_batch_plan
 from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
-from alignprop.training import gpu_peaks_gib, lora_in_sync, make_context, train_step, zero_gradient_warning
-from alignprop.validation import check_precision, validate
 
-_CONFIG = config_flags.DEFINE_config_file("config", "config/align_prop.py:aesthetic", "Experiment config.")
+logger = logging.getLogger("alignprop.train")
 
 
 def run_folder_path(config):
@@ -56,26 +53,14 @@ def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards, 
     return grid
 
 
-def main(_):
-    try:
-        train(_CONFIG.value)
-    except UserError as e:  # a bad config value, missing weights, a prompt file, the run folder: say what to fix
-        raise SystemExit(str(e)) from None
-
-
 def train(config):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration
 
     state = PartialState()
-    validate(config, state.num_processes)  # every check before any model is loaded
-    check_precision(config.mixed_precision, state.device)
-    plan = make_batch_plan(
-        config.train.total_batch_size,
-        config.train.total_samples_per_epoch,
-        config.train.batch_size_per_gpu,
-        state.num_processes,
-    )
+    settings = configs.check(config, state.num_processes)  # every check before any model is loaded
+    speed.check_precision(config.mixed_precision, state.device)
+    plan = settings.plan
     run_dir, resume_checkpoint = run_folder_path(config)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -87,35 +72,34 @@ def train(config):
     if accelerator.is_main_process:
         run.create()
         run.write_config(config, plan)
-        logging.info("run folder: %s", run_dir)
-        logging.info(plan.describe())
+        logger.info("run folder: %s", run_dir)
+        logger.info(plan.describe())
     if config.log_with != "none":
         # wandb honours WANDB_MODE=offline/disabled; its files go to the run folder unless WANDB_DIR is set.
         os.environ.setdefault("WANDB_DIR", run_dir)
         accelerator.init_trackers(config.project_name, config=flat_config(config))
-    models.set_torch_flags(config)
+    speed.set_torch_flags(config.speed)
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
-    components, dtype = models.load_frozen_components(config, accelerator.device)
-    reward_fn = rewards.make_reward_fn(config, accelerator.device, dtype)
-    prompt_set = prompts.make_prompt_set(config.prompt_fn, "prompt_fn")
-    eval_set = prompts.make_prompt_set(config.eval_prompt_fn, "eval_prompt_fn")
-    ctx, lora_config = make_context(config, accelerator, components, reward_fn, prompt_set, plan)
-    spec, negative_prompt_embeds = ctx.spec, ctx.negative_prompt_embeds
+    device = accelerator.device
+    components = families.load_frozen(settings.family, settings.source, config, device)
+    reward_fn = rewards.build(
+        settings.reward, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision)
+    )
+    trainer, lora_config = training.make_trainer(config, settings, accelerator, components, reward_fn)
 
     step = 0
     if resume_checkpoint:
         step = checkpoints.load_checkpoint(accelerator, resume_checkpoint)["step"]
-        logging.info("resumed from %s at optimizer step %d", resume_checkpoint, step)
+        logger.info("resumed from %s at optimizer step %d", resume_checkpoint, step)
 
-    columns = reward_columns(config.reward_fn)
-    eval_reward_fn = columns_reward_fn(reward_fn, columns)  # [N, R]: the reward, then each component of a sum
+    columns = settings.reward.columns  # the reward, or a sum's total and then each term
+    eval_reward_fn = reward_columns(reward_fn, columns)
+    items = eval_items(settings.eval_prompts, config.sample.num_eval_samples)
 
     def run_eval(name):
-        items = eval_items(eval_set, config.sample.num_eval_samples)
         images, eval_prompts, eval_rewards = evaluate(
-            components.unet, components, eval_reward_fn, items, spec, config.seed, config.sample.eval_batch_size,
-            accelerator.device, negative_prompt_embeds, accelerator.autocast, accelerator,
+            trainer.rollout, eval_reward_fn, items, config.seed, config.sample.eval_batch_size, accelerator
         )
         per_reward = summarize(eval_rewards, columns)
         grid = save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards[:, 0], per_reward)
@@ -138,19 +122,16 @@ def train(config):
     total_steps = config.num_epochs * plan.steps_per_epoch
     stop = StopRequest()
     nonfinite_streak = 0
-    warned_zero_gradient = False
+    warned_zero_gradient = False  # warned once per run
     bar = tqdm(total=total_steps, initial=step, desc="optimizer steps", disable=not accelerator.is_main_process)
     while step < total_steps:
         keep_samples = bool(config.log_image_freq) and (step + 1) % config.log_image_freq == 0
-        metrics = train_step(ctx, keep_samples=keep_samples)
+        metrics, samples = training.train_step(trainer, keep_samples=keep_samples)
         step += 1
-        step_prompts = metrics.pop("prompts")
-        if keep_samples:
-            samples = metrics.pop("samples")
-            if accelerator.is_main_process:
-                grid = image_grid(samples["images"], captions(samples["prompts"], samples["rewards"]))
-                grid.save(run.image_path(f"train_step{step}.png"))
-                log_images(accelerator, "train/samples", grid, step)
+        if keep_samples and accelerator.is_main_process:
+            grid = image_grid(samples.images, captions(samples.image_prompts, samples.rewards))
+            grid.save(run.image_path(f"train_step{step}.png"))
+            log_images(accelerator, "train/samples", grid, step)
         record = {"step": step, "epoch": (step - 1) // plan.steps_per_epoch, **metrics}
         if accelerator.is_main_process:
             run.log(record)
@@ -160,9 +141,9 @@ def train(config):
 
         nonfinite_streak = nonfinite_streak + 1 if metrics["nonfinite"] else 0
         if metrics["nonfinite"]:
-            logging.warning("step %d: non-finite loss or gradients, update skipped; prompts: %s", step, step_prompts)
-        if not warned_zero_gradient and (message := zero_gradient_warning(metrics)):
-            logging.warning("step %d: %s (Warned once per run.)", step, message)
+            logger.warning("step %d: non-finite loss or gradients, update skipped; prompts: %s", step, samples.prompts)
+        if not warned_zero_gradient and (message := training.zero_gradient_warning(metrics)):
+            logger.warning("step %d: %s (Warned once per run.)", step, message)
             warned_zero_gradient = True
         if nonfinite_streak >= config.train.max_nonfinite_steps:
             # Skipped steps change no weights: the state saved now is the last good one.
@@ -183,28 +164,46 @@ def train(config):
         if stop.requested(accelerator):
             path = checkpoints.checkpoint_path(run_dir, step) if saved else save(step)
             bar.close()
-            logging.warning("interrupted at step %d; state saved in %s; resume with --config.resume_from=%s",
-                            step, path, run_dir)
+            logger.warning(
+                "interrupted at step %d; state saved in %s; resume with --config.resume_from=%s", step, path, run_dir
+            )
             accelerator.end_training()
             sys.exit(stop.exit_code())
     bar.close()
     stop.restore()
 
     run_eval("eval_final")
-    peaks = gpu_peaks_gib(accelerator)
+    peaks = training.gpu_peaks_gib(accelerator)
     if peaks is not None:
-        logging.info("peak GPU memory per process (GiB): %s", ", ".join(f"{p:.2f}" for p in peaks))
+        logger.info("peak GPU memory per process (GiB): %s", ", ".join(f"{p:.2f}" for p in peaks))
     if accelerator.num_processes > 1:
-        if lora_in_sync(accelerator, ctx.params):
-            logging.info("LoRA weights are bit-identical on all %d processes", accelerator.num_processes)
+        if training.lora_in_sync(accelerator, trainer.params):
+            logger.info("LoRA weights are bit-identical on all %d processes", accelerator.num_processes)
         else:
-            logging.error("LoRA weights differ between processes: gradients were not synchronized")
+            logger.error("LoRA weights differ between processes: gradients were not synchronized")
     if accelerator.is_main_process:
-        checkpoints.save_lora(components.unet, lora_config, run_dir)
+        lora.save_lora(settings.family, components.denoiser, lora_config, run_dir)
         plot_rewards(run.read_metrics(), run.image_path("reward.png"))
-        logging.info("done: %d optimizer steps; run folder %s", step, run_dir)
+        logger.info("done: %d optimizer steps; run folder %s", step, run_dir)
     accelerator.end_training()
 
 
+def main(argv):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec, overrides, rest = configs.split_command_line(argv)
+        if any(arg in ("-h", "--help") for arg in rest):
+            print(__doc__ + "\n" + configs.help_text(spec))
+            return
+        if rest:
+            raise configs.ConfigError(
+                f"unknown argument(s) {' '.join(rest)}; this script takes --config FILE:EXPERIMENT "
+                f"and --config.KEY=VALUE (see --help)"
+            )
+        train(configs.load(spec, overrides))
+    except UserError as e:  # a bad config value, missing weights, a prompt file, the run folder: say what to fix
+        raise SystemExit(str(e)) from None
+
+
 if __name__ == "__main__":
-    app.run(main)
+    main(sys.argv[1:])

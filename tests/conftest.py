@@ -1,17 +1,21 @@
-"""Shared fixtures: tiny random SD components (fp32, CPU, seeded) from the one tiny builder."""
+"""Shared fixtures: tiny random SD components (fp32, CPU, seeded) from the SD family's own tiny builder.
 
-import os
-import sys
+Two tiers: the default (fast) tier runs in-process; tests marked `slow` run the scripts end to end in
+subprocesses (`python -m pytest -q tests -m slow`; `.ci/run` runs both).
+"""
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_ASSETS = os.path.join(os.path.dirname(REPO), "shared", "assets")
+from helpers import randomize_lora, tiny_components
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the scripts in subprocesses (the slow tier)")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
 
@@ -26,40 +30,24 @@ def one_thread():
 
 
 @pytest.fixture
-def components():
-    from alignprop.models import Components, freeze_and_cast
-    from alignprop.tiny import build_tiny_components
+def sd():
+    """The SD 1.x/2.x family."""
+    from alignprop import families
 
-    comps = Components(**build_tiny_components(seed=0))
-    freeze_and_cast(comps, torch.device("cpu"), torch.float32)
-    return comps
+    return families.get("sd")
 
 
-def randomize_lora(unet, seed=0, scale=0.05):
-    """Give every LoRA factor nonzero values (gaussian init leaves lora_B at zero, so lora_A gets no grad)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+@pytest.fixture
+def components(sd):
+    """Tiny SD 1.x-shaped components, frozen, fp32 on the CPU."""
+    return tiny_components(sd)
 
 
 @pytest.fixture
 def lora_components(components):
-    from alignprop.models import add_lora
+    """`components` with a LoRA (rank 4) whose factors are all nonzero."""
+    from alignprop.lora import add_lora
 
-    add_lora(components.unet, rank=4, alpha=4.0)
-    randomize_lora(components.unet)
+    add_lora(components.denoiser, rank=4, alpha=4.0, targets=("to_q", "to_k", "to_v", "to_out.0"))
+    randomize_lora(components.denoiser)
     return components
-
-
-def run_script(args, cwd=REPO, timeout=600, env=None):
-    """Run a script of the repo in a subprocess with this interpreter; returns CompletedProcess."""
-    import subprocess
-
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )

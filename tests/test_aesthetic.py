@@ -2,15 +2,14 @@
 
 import os
 
-import ml_collections
 import pytest
 import torch
 
-from alignprop.rewards import UnknownRewardError, check_name, make_reward_fn
+from alignprop.rewards import RewardSpecError, parse
 from alignprop.rewards.aesthetic import AestheticMLP, load_mlp_state_dict
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
-from conftest import SHARED_ASSETS
+from helpers import SHARED_ASSETS, make_reward
 
 REAL_MLP = os.path.join(SHARED_ASSETS, "sac+logos+ava1-l14-linearMSE.pth")
 
@@ -35,28 +34,19 @@ def test_real_mlp_file_loads_strictly():
 def test_wrong_keys_are_reported(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save({"fc.weight": torch.zeros(1)}, path)
-    config = _config(mlp_path=str(path), clip_model="tiny")
     with pytest.raises(RuntimeError, match="Missing key"):
-        make_reward_fn(config, torch.device("cpu"), torch.float32)
+        _reward(mlp_path=str(path), clip_model="tiny")
 
 
-def _config(**aesthetic):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.reward_fn = "aesthetic"
-    c.reward = ml_collections.ConfigDict()
-    c.reward.aesthetic = ml_collections.ConfigDict(
-        dict(clip_model="tiny", mlp_repo="trl-lib/ddpo-aesthetic-predictor", mlp_file="aesthetic-model.pth",
-             mlp_path=None)
-    )
-    c.reward.aesthetic.update(aesthetic)
-    return c
+def _reward(**aesthetic):
+    return make_reward("aesthetic", {f"reward.aesthetic.{k}": v for k, v in aesthetic.items()})
 
 
 def test_scorer_is_differentiable_and_shaped():
-    reward_fn = make_reward_fn(_config(), torch.device("cpu"), torch.float32)
+    reward_fn = _reward()
     images = torch.rand(3, 3, 40, 56, requires_grad=True)
-    rewards, info = reward_fn(images, ["a", "b", "c"], [{}] * 3)
+    rewards, components, info = reward_fn(images, ["a", "b", "c"], [{}] * 3)
+    assert torch.equal(components["aesthetic"], rewards.detach()) and info == {}
     assert rewards.shape == (3,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
     rewards.sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
@@ -106,8 +96,8 @@ def test_clip_preprocess_close_to_transformers_processor():
 
 
 def test_unknown_reward_lists_valid_names():
-    with pytest.raises(UnknownRewardError, match="valid: aesthetic"):
-        check_name("aesthetics")
+    with pytest.raises(RewardSpecError, match="valid: aesthetic"):
+        parse("aesthetics")
 
 
 def _mlp_file(tmp_path, content):
@@ -128,17 +118,17 @@ def _mlp_file(tmp_path, content):
 def test_truncated_or_garbage_mlp_file(tmp_path, content, needle):
     path = _mlp_file(tmp_path, content)
     with pytest.raises(BadWeightsError) as e:
-        make_reward_fn(_config(mlp_path=path), torch.device("cpu"), torch.float32)
+        _reward(mlp_path=path)
     message = str(e.value)
     assert f"Aesthetic MLP weights {path!r}" in message and needle in message
     assert "Point config.reward.aesthetic.mlp_path at a good copy of the LAION MLP" in message
 
 
 def test_mlp_file_of_whole_file_is_loaded_and_not_a_state_dict_is_an_error(tmp_path):
-    make_reward_fn(_config(mlp_path=_mlp_file(tmp_path, lambda data: data)), torch.device("cpu"), torch.float32)
+    _reward(mlp_path=_mlp_file(tmp_path, lambda data: data))
     path = tmp_path / "tensor.pth"
     torch.save(torch.zeros(3), path)
     with pytest.raises(BadWeightsError, match=r"hold a Tensor, not a state dict"):
-        make_reward_fn(_config(mlp_path=str(path)), torch.device("cpu"), torch.float32)
+        _reward(mlp_path=str(path))
     with pytest.raises(WeightsNotFoundError, match=r"aesthetic-missing.pth' do not exist. Point config.reward"):
-        make_reward_fn(_config(mlp_path=str(tmp_path / "aesthetic-missing.pth")), torch.device("cpu"), torch.float32)
+        _reward(mlp_path=str(tmp_path / "aesthetic-missing.pth"))

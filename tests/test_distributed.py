@@ -11,7 +11,9 @@ import socket
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from helpers import REPO, run_script
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port():

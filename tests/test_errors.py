@@ -4,21 +4,23 @@ import pytest
 import torch
 
 from alignprop.errors import ConfigError, UserError
-from alignprop.models import ModelLoadError
+from alignprop.families.loading import ModelLoadError
+from alignprop.lora import LoRAFileError, LoRAPathError
 from alignprop.plan import BatchPlanError
 from alignprop.prompts import PromptError
-from alignprop.rewards import RewardSpecError
+from alignprop.rewards import RewardInputError, RewardSpecError
 from alignprop.rewards.aesthetic import AestheticMLP
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.tracking import RunFolderError
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.mark.parametrize(
     "cls, also",
     [(ConfigError, ValueError), (BatchPlanError, ValueError), (PromptError, ValueError),
      (RewardSpecError, ValueError), (ModelLoadError, RuntimeError), (WeightsNotFoundError, RuntimeError),
-     (BadWeightsError, RuntimeError), (RunFolderError, OSError)],
+     (BadWeightsError, RuntimeError), (RunFolderError, OSError), (LoRAPathError, FileNotFoundError),
+     (LoRAFileError, ValueError), (RewardInputError, ValueError)],
 )
 def test_every_user_error_shares_the_base_and_keeps_its_builtin_type(cls, also):
     assert issubclass(cls, UserError) and issubclass(cls, also)
@@ -40,17 +42,18 @@ def _train_tiny(tmp_path, override):
     )
 
 
+@pytest.mark.slow
 def test_script_shows_a_broken_sd_checkpoint_as_one_message(tmp_path):
     path = tmp_path / "sd15.safetensors"
     path.write_bytes(b"\x00" * 4096)  # e.g. a download that stopped
     _assert_one_message(
-        _train_tiny(tmp_path, f"--config.pretrained.model={path}"),
-        f"config.pretrained.model='{path}' is not a usable Stable Diffusion checkpoint: the file (4096 bytes) "
-        "cannot be read",
-        "point `config.pretrained.model` at a diffusers folder or a hub id",
+        _train_tiny(tmp_path, f"--config.model.source={path}"),
+        f"config.model.source='{path}' is not a usable Stable Diffusion 1.x/2.x checkpoint",
+        "the file (4096 bytes) cannot be read", "point `config.model.source` at a diffusers folder or a hub id",
     )
 
 
+@pytest.mark.slow
 def test_script_shows_a_truncated_reward_file_as_one_message(tmp_path):
     path = tmp_path / "aesthetic-model.pth"
     torch.save(AestheticMLP(32).state_dict(), path)

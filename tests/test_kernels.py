@@ -38,16 +38,11 @@ def test_only_patch_convolutions_are_replaced():
 
 def test_reward_towers_give_the_same_scores_with_patch_matmuls():
     """The CLIP vision tower (transformers) and open_clip's tower: same outputs, same state dict keys."""
-    from transformers import CLIPVisionModelWithProjection
+    from alignprop.rewards import towers
 
-    from alignprop.tiny import build_tiny_open_clip, tiny_clip_vision_config
-
-    torch.manual_seed(0)
-    config = tiny_clip_vision_config()
-    config.vision_config.projection_dim = config.projection_dim
-    hf = CLIPVisionModelWithProjection(config.vision_config).eval()
-    oc = build_tiny_open_clip().visual.eval()
-    for model, size in ((hf, config.vision_config.image_size), (oc, oc.image_size[0])):
+    hf = towers.tiny_vision_tower().eval()
+    oc = towers.tiny_open_clip().visual.eval()
+    for model, size in ((hf, hf.config.image_size), (oc, oc.image_size[0])):
         x = torch.rand(2, 3, size, size)
         keys = list(model.state_dict())
         with torch.no_grad():

@@ -34,7 +34,9 @@ def test_from_file(tmp_path):
     assert [p for p, _ in s.items] == ["a red car", "a blue bird"]
 
 
-@pytest.mark.parametrize("content,needle", [(b"\n# only a comment\n", "holds no prompts"), (b"\xff\xfe\x00bad", "not UTF-8")])
+@pytest.mark.parametrize(
+    "content,needle", [(b"\n# only a comment\n", "holds no prompts"), (b"\xff\xfe\x00bad", "not UTF-8")]
+)
 def test_bad_files(tmp_path, content, needle):
     f = tmp_path / "p.txt"
     f.write_bytes(content)

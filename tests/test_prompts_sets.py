@@ -8,9 +8,9 @@ import huggingface_hub
 import pytest
 
 from alignprop import prompts
+from alignprop.config import ConfigError, check
 from alignprop.prompts import PromptError, make_prompt_set
-from alignprop.validation import ConfigError, validate
-from config.align_prop import tiny
+from helpers import config as tiny
 
 
 def _write_benchmark(folder, n=60):
@@ -156,7 +156,7 @@ def test_hps_v2_local_folder_missing_files(tmp_path):
 @pytest.mark.parametrize("spec", ["nope", "from_file", "from_file:", "counting:extra", "simple_animals:x"])
 def test_bad_specs_list_valid_names(spec):
     with pytest.raises(PromptError) as e:
-        prompts.check_name(spec, key="prompt_fn")
+        prompts.parse(spec, key="prompt_fn")
     message = str(e.value)
     assert f"config.prompt_fn={spec!r}" in message
     for name in ("counting", "eval_counting", "hps_v2_train", "from_file:PATH", "hps_v2_eval:FOLDER"):
@@ -168,8 +168,11 @@ def test_validation_checks_local_prompt_paths(tmp_path):
     config.prompt_fn = f"hps_v2_train:{tmp_path / 'nowhere'}"
     config.eval_prompt_fn = f"from_file:{tmp_path / 'nothing.json'}"
     with pytest.raises(ConfigError) as e:
-        validate(config)
-    assert "the prompt folder does not exist" in str(e.value) and "the prompt file does not exist" in str(e.value)
+        check(config)
+    message = str(e.value)
+    assert f"config.prompt_fn='hps_v2_train:{tmp_path}/nowhere': HPSv2 benchmark folder" in message
+    assert f"config.eval_prompt_fn='from_file:{tmp_path}/nothing.json': Prompt file" in message
+    assert "does not exist" in message
 
 
 @pytest.mark.parametrize(
@@ -190,17 +193,18 @@ def test_counting_prompt_file_without_a_usable_count_fails_at_start_up(tmp_path,
     config.reward_fn = "object_count"
     config.prompt_fn, config.eval_prompt_fn = f"from_file:{path}", "eval_counting"
     with pytest.raises(ConfigError) as e:
-        validate(config)
+        check(config)
     message = str(e.value)
     assert f"config.prompt_fn='from_file:{path}': prompt 'three apples' {needle}" in message
+    assert "use counting or eval_counting, or a JSON prompt file with object/count keys" in message
     assert "config.reward_fn='object_count'" in message
     # The same file is fine for a reward that needs no metadata; counts like "3" and 3.0 are whole numbers.
     config.reward_fn = "aesthetic"
-    validate(config)
+    check(config)
     path.write_text(json.dumps([good, {"prompt": "three apples", "object": "apple", "count": "3"},
                                 {"prompt": "one egg", "object": "egg", "count": 1.0}]))
     config.reward_fn = "object_count"
-    validate(config)
+    check(config)
 
 
 @pytest.mark.parametrize("content,needle", [(b"# a comment\n", "holds no prompts"), (b"\xff\xfe bad", "not UTF-8")])
@@ -210,6 +214,6 @@ def test_unusable_prompt_file_fails_at_start_up(tmp_path, content, needle):
     config = tiny()
     config.eval_prompt_fn = f"from_file:{path}"
     with pytest.raises(ConfigError) as e:
-        validate(config)
+        check(config)
     assert f"config.eval_prompt_fn='from_file:{path}': Prompt file '{path}' " in str(e.value)
     assert needle in str(e.value)

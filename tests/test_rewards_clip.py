@@ -5,10 +5,14 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPProcessor
 
-from alignprop.rewards import clipscore
+from alignprop.rewards import clipscore, towers
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
-from alignprop.tiny import build_tiny_clip, clip_tokenizer
-from config.align_prop import base, tiny
+from alignprop.tokenizers import clip_tokenizer
+from helpers import config, make_reward
+
+
+def base():
+    return config("config/align_prop.py:aesthetic")
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
 # Not CLIP's constants: the test shows they come from the saved processor.
@@ -18,11 +22,13 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """(model folder, processor folder, the model) in the on-disk format of the hub repos."""
-    model = build_tiny_clip(seed=3)
+    model = towers.tiny_clip(seed=3)
     model_dir = tmp_path_factory.mktemp("pickscore_model")
     model.save_pretrained(model_dir)
     processor_dir = tmp_path_factory.mktemp("pickscore_processor")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
+    )
     CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer()).save_pretrained(processor_dir)
     return str(model_dir), str(processor_dir), model
 
@@ -96,12 +102,11 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
         clipscore.build_scorer(cfg, "clipscore", use_logit_scale=False)
 
 
-def test_tiny_rewards_through_make():
-    config = tiny()
-    for make in (clipscore.make, clipscore.make_pickscore):
+def test_tiny_rewards_through_the_registry():
+    for name in ("clipscore", "pickscore"):
         images = _images().requires_grad_()
-        rewards, info = make(config, torch.device("cpu"), torch.float32)(images, PROMPTS, [{}, {}])
-        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
+        rewards, components, info = make_reward(name)(images, PROMPTS, [{}, {}])
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {} and list(components) == [name]
         rewards.sum().backward()
         assert images.grad.abs().sum() > 0
 
@@ -136,8 +141,9 @@ def test_truncated_local_weights_are_a_clear_error(saved, tmp_path):
 
 
 def test_weights_of_another_model_are_an_error_not_a_random_init(saved, tmp_path):
-    cfg = _broken_copy(saved, tmp_path, lambda data, state: {k.replace("vision_model.", "vision."): v
-                                                             for k, v in state.items()})
+    cfg = _broken_copy(
+        saved, tmp_path, lambda data, state: {k.replace("vision_model.", "vision."): v for k, v in state.items()}
+    )
     with pytest.raises(BadWeightsError) as e:
         clipscore.build_scorer(cfg, "clipscore", use_logit_scale=False)
     message = str(e.value)

@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import stats
 
 from alignprop.rewards import compressibility as jpeg
-from config.align_prop import tiny
+from helpers import make_reward
 
 # Photographs shipped inside scikit-image (no download): portraits, animals, food, textures,
 # astronomy, microscopy, objects; grayscale ones are replicated to RGB.
@@ -118,19 +118,21 @@ def test_odd_sizes_are_padded():
 
 
 def test_rewards_shape_sign_gradient_and_logged_size():
-    config = tiny()
+    quality = 90
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    compress, info = jpeg.make(config, torch.device("cpu"), torch.float32)(images, ["a"] * 3, [{}] * 3)
-    incompress, _ = jpeg.make_incompressibility(config, torch.device("cpu"), torch.float32)(images, ["a"] * 3, [{}] * 3)
+    setting = {"reward.compressibility.quality": quality}
+    compress, _, info = make_reward("compressibility", setting)(images, ["a"] * 3, [{}] * 3)
+    incompress, _, _ = make_reward("incompressibility", setting)(images, ["a"] * 3, [{}] * 3)
+    info = {k.removeprefix("compressibility/"): v for k, v in info.items()}
     assert compress.shape == (3,) and compress.dtype == torch.float32 and torch.isfinite(compress).all()
     torch.testing.assert_close(compress, -incompress)
     assert (compress < 0).all()
     compress.sum().backward()
     assert images.grad.abs().sum() > 0
     # The logged size is Pillow's, at config.reward.compressibility.quality.
-    expected = _pillow_kb(images.detach(), config.reward.compressibility.quality)
+    expected = _pillow_kb(images.detach(), quality)
     np.testing.assert_allclose(info["jpeg_kb"].numpy(), expected, rtol=1e-6)
     assert info["jpeg_kb"].dtype == torch.float32
     # Gradient ascent on compressibility makes the real JPEG smaller.
     step = (images + 0.02 * images.grad.sign()).detach().clamp(0, 1)
-    assert _pillow_kb(step, 95).sum() < expected.sum()
+    assert _pillow_kb(step, quality).sum() < expected.sum()

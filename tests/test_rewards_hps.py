@@ -9,8 +9,12 @@ import torch
 
 from alignprop.rewards import hps
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
-from alignprop.tiny import TINY_OPEN_CLIP_CONFIG
-from config.align_prop import base, tiny
+from alignprop.rewards.towers import TINY_OPEN_CLIP_CONFIG
+from helpers import config, make_reward
+
+
+def base():
+    return config("config/align_prop.py:hps")
 
 TINY_ARCH = "alignprop-test-tiny-ViT"
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night"]
@@ -89,9 +93,16 @@ def test_mismatched_checkpoint_is_a_clear_error(tiny_checkpoint, tmp_path):
         hps.build_scorer(_cfg(model=TINY_ARCH, path=str(tmp_path / "missing.pt")), "hps")
 
 
-def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"config.reward.hps.model='ViT-Q-99' is not an open_clip architecture"):
-        hps.build_scorer(_cfg(model="ViT-Q-99"), "hps")
+def test_unknown_architecture_is_a_start_up_problem():
+    (problem,) = hps.problems(_cfg(model="ViT-Q-99"), "config.reward.hps")
+    assert "config.reward.hps.model='ViT-Q-99': not an open_clip architecture" in problem and "ViT-H-14" in problem
+    assert hps.problems(_cfg(), "config.reward.hps") == []
+
+
+def test_random_weights_build_the_architecture_and_read_nothing():
+    # On the meta device: open_clip ViT-H-14 (HPSv2's architecture), no file looked up.
+    scorer = hps.build_scorer(_cfg(path="random", repo="no/such-repo"), "hps", device="meta")
+    assert sum(p.numel() for p in scorer.model.parameters()) == 986_109_441
 
 
 @pytest.mark.parametrize("name, file", [("hps", "HPS_v2_compressed.pt"), ("hps_v21", "HPS_v2.1_compressed.pt")])
@@ -106,14 +117,12 @@ def test_offline_error_names_repo_file_and_key(monkeypatch, tmp_path, name, file
     assert "'xswu/HPSv2'" in message and repr(file) in message and f"config.reward.{name}.path" in message
 
 
-def test_tiny_option_builds_offline_and_make_returns_float32():
-    config = tiny()
-    assert config.reward.hps.model == config.reward.hps_v21.model == "tiny"
-    for make in (hps.make_v2, hps.make_v21):
-        reward_fn = make(config, torch.device("cpu"), torch.float32)
+def test_tiny_option_builds_offline_and_returns_float32():
+    assert config().reward.hps.model == config().reward.hps_v21.model == "tiny"
+    for name in ("hps", "hps_v21"):
         images = _images().requires_grad_()
-        rewards, info = reward_fn(images, PROMPTS, [{}, {}])
-        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {}
+        rewards, components, info = make_reward(name)(images, PROMPTS, [{}, {}])
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {} and list(components) == [name]
         rewards.sum().backward()
         assert images.grad.abs().sum() > 0
 

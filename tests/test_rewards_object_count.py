@@ -7,11 +7,14 @@ import pytest
 import torch
 from transformers import OwlViTImageProcessor, OwlViTProcessor
 
-from alignprop.prompts import PromptError
-from alignprop.rewards import object_count
+from alignprop.rewards import RewardInputError, object_count, towers
 from alignprop.rewards.loading import WeightsNotFoundError
-from alignprop.tiny import build_tiny_owlvit, clip_tokenizer
-from config.align_prop import base, tiny
+from alignprop.tokenizers import clip_tokenizer
+from helpers import config, make_reward
+
+
+def base():
+    return config("config/align_prop.py:object_count")
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 METADATA = [{"object": "apple", "count": 3}, {"object": "teddy bear", "count": 1}]
@@ -21,10 +24,12 @@ PROMPTS = ["three apples", "one teddy bear"]
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny OWL-ViT and its processor in the on-disk format of `google/owlvit-base-patch32`."""
-    model = build_tiny_owlvit(seed=1)
+    model = towers.tiny_owlvit(seed=1)
     folder = tmp_path_factory.mktemp("owlvit")
     model.save_pretrained(folder)
-    image_processor = OwlViTImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD)
+    image_processor = OwlViTImageProcessor(
+        size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
+    )
     tokenizer = clip_tokenizer()
     tokenizer.model_max_length = model.config.text_config.max_position_embeddings  # 16, as OWL-ViT's
     OwlViTProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
@@ -46,7 +51,9 @@ def test_soft_count_equals_hard_count_far_from_threshold():
     t = math.log(threshold / (1 - threshold))
     # 3 boxes well above the threshold, 500 background boxes well below (as a real detector's).
     logits = torch.cat([t + torch.tensor([3.0, 5.0, 8.0]), torch.full((500,), -9.0)])[None]
-    torch.testing.assert_close(object_count.soft_count(logits, threshold, temperature), torch.tensor([3.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        object_count.soft_count(logits, threshold, temperature), torch.tensor([3.0]), atol=1e-3, rtol=0
+    )
     assert object_count.hard_count(logits, threshold).item() == 3
     # Near the threshold it is fractional and has a gradient.
     near = torch.tensor([[t, t + 0.1]], requires_grad=True)
@@ -74,7 +81,9 @@ def test_loads_saved_folder_counts_and_is_differentiable(saved):
     tokens = processor(text=["a photo of a apple", "a photo of a teddy bear"], return_tensors="pt")
     with torch.no_grad():
         pixels = object_count.clip_preprocess(images, 32, MEAN, STD, crop=False)
-        expected = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits[..., 0]
+        expected = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels).logits[
+            ..., 0
+        ]
     torch.testing.assert_close(logits.detach(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -98,14 +107,14 @@ def test_soft_count_of_the_detector_equals_its_hard_count_when_decisive(saved, m
         cut, half_gap = (middle[i] + middle[i + 1]) / 2, gaps[i] / 2
         head.logit_shift.bias.fill_(-cut.item())
         head.logit_scale.bias.fill_(20 / half_gap.item())  # every logit >= 20 away from 0
-    config = tiny()
     monkeypatch.setattr(object_count, "build_counter", lambda cfg, seed=0: counter)
-    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+    reward_fn = make_reward("object_count")
     metadata = [{"object": o, "count": 2} for o in objects]
     logits = counter(images, objects).float()
     t = math.log(0.1 / 0.9)
-    assert ((logits - t).abs() > 10 * config.reward.object_count.temperature).all(), "premise: decisive boxes"
-    rewards, info = reward_fn(images, ["two things"] * 4, metadata)
+    assert ((logits - t).abs() > 10 * config().reward.object_count.temperature).all(), "premise: decisive boxes"
+    rewards, _, info = reward_fn(images, ["two things"] * 4, metadata)
+    info = {k.removeprefix("object_count/"): v for k, v in info.items()}
     hard = object_count.hard_count(logits, 0.1)
     assert 0 < hard.sum() < logits.numel()  # some boxes in, some out: the test can tell
     torch.testing.assert_close(info["soft_count"], hard, atol=1e-3, rtol=0)
@@ -117,7 +126,7 @@ def test_soft_count_of_the_detector_equals_its_hard_count_when_decisive(saved, m
 def test_owlv2_folder_loads_and_pads_to_square(tmp_path):
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
-    owlvit_config = build_tiny_owlvit().config
+    owlvit_config = towers.tiny_owlvit().config
     torch.manual_seed(0)
     model = Owlv2ForObjectDetection(
         Owlv2Config(
@@ -141,39 +150,37 @@ def test_owlv2_folder_loads_and_pads_to_square(tmp_path):
 
 
 def test_tiny_reward_shape_info_and_gradient():
-    config = tiny()
-    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
     images = _images().requires_grad_()
-    rewards, info = reward_fn(images, PROMPTS, METADATA)
+    rewards, _, info = make_reward("object_count")(images, PROMPTS, METADATA)
     assert rewards.shape == (2,) and rewards.dtype == torch.float32 and torch.isfinite(rewards).all()
     assert (rewards <= 0).all()
-    assert set(info) == {"soft_count", "count_error", "count_exact"}
+    assert set(info) == {"object_count/soft_count", "object_count/count_error", "object_count/count_exact"}
     assert all(v.shape == (2,) for v in info.values())
     rewards.sum().backward()
     assert images.grad.abs().sum() > 0
 
 
-def test_missing_metadata_names_prompt_fn():
-    config = tiny()  # simple_animals: no object/count metadata
-    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError) as e:
-        reward_fn(_images(), ["cat", "dog"], [{}, {}])
+def test_missing_metadata_names_the_prompt_and_what_it_needs():
+    with pytest.raises(RewardInputError) as e:
+        make_reward("object_count")(_images(), ["cat", "dog"], [{}, {}])
     message = str(e.value)
-    assert "'object' and 'count'" in message and "config.prompt_fn='simple_animals'" in message
-    assert "'counting'" in message
+    assert "prompt 'cat'" in message and "has no 'object' and no 'count'" in message
+    assert "object/count metadata" in message and "config.prompt_fn='counting'" in message
 
 
-def test_query_without_placeholder_is_an_error():
-    config = tiny()
-    config.reward.object_count.query = "a photo"
-    with pytest.raises(ValueError, match=r"config.reward.object_count.query='a photo' must contain"):
-        object_count.make(config, torch.device("cpu"), torch.float32)
+def test_settings_are_start_up_problems():
+    cfg = _cfg(query="a photo", threshold=1.5, temperature=0.0)
+    problems = object_count.problems(cfg, "config.reward.object_count")
+    for needle in (
+        "config.reward.object_count.query='a photo': must contain '{}'",
+        "config.reward.object_count.threshold=1.5: must be a probability in (0, 1)",
+        "config.reward.object_count.temperature=0.0: must be > 0",
+    ):
+        assert any(needle in p for p in problems), needle
 
 
 def test_non_detector_model_is_a_clear_error(tmp_path):
-    from alignprop.tiny import build_tiny_clip
-
-    build_tiny_clip().save_pretrained(tmp_path)
+    towers.tiny_clip().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"is a 'clip' model; object_count needs one of owlvit, owlv2"):
         object_count.build_counter(_cfg(model=str(tmp_path)))
 
@@ -188,19 +195,27 @@ def test_offline_error_names_repo_and_key(monkeypatch, tmp_path):
     assert "'google/owlvit-base-patch32'" in message and "config.reward.object_count.model" in message
 
 
-@pytest.mark.parametrize("value,count", [(3, 3), (0, 0), (3.0, 3), ("3", 3), (" 4 ", 4), ("three", None),
-                                         (2.5, None), (-1, None), (True, None), (None, None)])
+@pytest.mark.parametrize(
+    "value,count",
+    [
+        (3, 3),
+        (0, 0),
+        (3.0, 3),
+        ("3", 3),
+        (" 4 ", 4),
+        ("three", None),
+        (2.5, None),
+        (-1, None),
+        (True, None),
+        (None, None),
+    ],
+)
 def test_parse_count(value, count):
     assert object_count.parse_count(value) == count
 
 
-def test_unparsable_count_names_the_prompt_and_prompt_fn():
-    config = tiny()
-    config.prompt_fn = "from_file:/data/counts.json"
-    reward_fn = object_count.make(config, torch.device("cpu"), torch.float32)
+def test_unparsable_count_names_the_prompt():
     metadata = [{"object": "apple", "count": 3}, {"object": "teddy bear", "count": "a few"}]
-    with pytest.raises(PromptError) as e:
-        reward_fn(_images(), PROMPTS, metadata)
-    message = str(e.value)
-    assert "prompt 'one teddy bear' has 'count': 'a few'; it must be a whole number >= 0" in message
-    assert "config.prompt_fn='from_file:/data/counts.json'" in message
+    with pytest.raises(RewardInputError) as e:
+        make_reward("object_count")(_images(), PROMPTS, metadata)
+    assert "prompt 'one teddy bear': it has 'count': 'a few'; it must be a whole number >= 0" in str(e.value)

@@ -3,9 +3,17 @@
 import torch
 
 from alignprop.evaluation import evaluate
-from alignprop.models import encode_prompts
 from alignprop.rng import RandomStreams, derive_seed
-from alignprop.sampling import SamplingSpec
+from alignprop.rollout import Rollout, SampleSpec
+from alignprop.speed import Prepared
+
+
+def rollout_of(components, sd, eta):
+    return Rollout(sd, components, SampleSpec(2, 7.5, eta=eta), Prepared(components.denoiser, components.vae))
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3))[:, None]
 
 
 def test_derived_seeds_are_distinct_and_stable():
@@ -23,21 +31,13 @@ def test_stream_state_round_trip():
     assert torch.equal(first[0], again[0]) and first[1] == again[1] and torch.equal(first[2], again[2])
 
 
-def test_evaluation_is_reproducible_and_touches_no_other_rng(components):
-    import contextlib
-
+def test_evaluation_is_reproducible_and_touches_no_other_rng(components, sd):
     streams = RandomStreams(0, 0, torch.device("cpu"))
     before_streams = streams.state_dict()
     before_global = torch.get_rng_state()
-    negative = encode_prompts(components.text_encoder, components.tokenizer, [""])
-
-    def reward_fn(images, prompts, metadata):
-        return images.mean(dim=(1, 2, 3)), {}
-
     items = [("cat", {}), ("dog", {}), ("owl", {})]
-    spec = SamplingSpec(num_steps=2, guidance_scale=7.5, eta=0.5)
-    run = lambda: evaluate(components.unet, components, reward_fn, items, spec, 0, 2, torch.device("cpu"),
-                           negative, contextlib.nullcontext)
+    rollout = rollout_of(components, sd, eta=0.5)
+    run = lambda: evaluate(rollout, brightness, items, 0, 2)  # noqa: E731
     images, prompts, rewards = run()
     images2, _, rewards2 = run()
     assert prompts == ["cat", "dog", "owl"] and images.shape[0] == 3
@@ -47,23 +47,15 @@ def test_evaluation_is_reproducible_and_touches_no_other_rng(components):
     assert torch.equal(after["noise"], before_streams["noise"]) and after["prompts"] == before_streams["prompts"]
 
 
-def test_short_last_evaluation_batch_is_padded_to_the_full_size(components):
-    """3 items in batches of 2: the UNet always sees one batch size (one compiled graph), and the
+def test_short_last_evaluation_batch_is_padded_to_the_full_size(components, sd):
+    """3 items in batches of 2: the denoiser always sees one batch size (one compiled graph), and the
     padding changes nothing: each item gets the image of a batch-1 evaluation (same noise rows)."""
-    import contextlib
-
-    negative = encode_prompts(components.text_encoder, components.tokenizer, [""])
-
-    def reward_fn(images, prompts, metadata):
-        return images.mean(dim=(1, 2, 3)), {}
-
     sizes = []
-    hook = components.unet.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    hook = components.denoiser.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
     items = [("cat", {}), ("dog", {}), ("owl", {})]
-    spec = SamplingSpec(num_steps=2, guidance_scale=7.5, eta=0.0)
+    rollout = rollout_of(components, sd, eta=0.0)
     try:
-        run = lambda batch, items=items: evaluate(components.unet, components, reward_fn, items, spec, 0, batch,
-                                                  torch.device("cpu"), negative, contextlib.nullcontext)
+        run = lambda batch, items=items: evaluate(rollout, brightness, items, 0, batch)  # noqa: E731
         images, prompts, rewards = run(2)
         assert set(sizes) == {4}  # 2 prompts x (conditional, unconditional), the last batch too
         single, _, single_rewards = run(1)
@@ -77,23 +69,24 @@ def test_short_last_evaluation_batch_is_padded_to_the_full_size(components):
     assert (twice[0] - twice[1]).abs().max() > 1e-3
 
 
-def test_builders_leave_the_global_rng_alone():
+def test_builders_leave_the_global_rng_alone(sd):
     """Tiny models, reward towers and the LoRA draw from their own seeds: the caller's RNG state is untouched."""
-    from alignprop.models import add_lora
-    from alignprop.rewards.aesthetic import build_scorer
-    from alignprop.rng import seeded
-    from alignprop.tiny import build_tiny_components, build_tiny_open_clip
     import ml_collections
 
+    from alignprop.families import Source
+    from alignprop.lora import add_lora
+    from alignprop.rewards import aesthetic, towers
+    from alignprop.rng import seeded
+
     state = torch.random.get_rng_state()
-    unet = build_tiny_components(seed=0)["unet"]
-    build_scorer(ml_collections.ConfigDict({"clip_model": "tiny", "mlp_path": None}), seed=0)
-    build_tiny_open_clip(seed=0)
+    unet = sd.load(Source("tiny", "sd1")).denoiser
+    aesthetic.build_scorer(ml_collections.ConfigDict({"clip_model": "tiny", "mlp_path": None}), seed=0)
+    towers.tiny_open_clip(seed=0)
     with seeded(5):
-        add_lora(unet, rank=4, alpha=4.0)
+        add_lora(unet, 4, 4.0, sd.lora_targets)
     assert torch.equal(state, torch.random.get_rng_state())
-    other = build_tiny_components(seed=0)["unet"]
+    other = sd.load(Source("tiny", "sd1")).denoiser
     with seeded(5):
-        add_lora(other, rank=4, alpha=4.0)
+        add_lora(other, 4, 4.0, sd.lora_targets)
     lora = {n: p for n, p in unet.named_parameters() if "lora_A" in n}
     assert lora and all(torch.equal(p, other.get_parameter(n)) for n, p in lora.items())

@@ -1,136 +1,143 @@
-"""The differentiable sampler against independent references: diffusers' pipeline and plain autograd."""
+"""The rollout against independent references: diffusers' own pipeline, and plain autograd through an
+independently written DDIM loop (epsilon and v-prediction, guidance rescale)."""
 
 import math
 
 import pytest
 import torch
 
-from alignprop.sampling import (
-    SamplingSpec,
-    ddim_rollout,
-    ddim_timesteps,
-    decode_latents,
-    guided_unet,
-    sample_images,
-)
+from alignprop.rollout import Rollout, SampleSpec, grad_suffix
+from alignprop.speed import Prepared
+from helpers import fixed_reward, lora_grads, randomize_lora, tiny_components
 
 NUM_STEPS = 6
 GUIDANCE = 7.5
+PROMPTS = ["a photo of a cat", "an owl on a branch"]
 
 
-def _inputs(components, batch=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    unet = components.unet
-    embeds = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
-    negative = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g)
-    latents = torch.randn(batch, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size, generator=g)
-    return embeds, negative, latents
+def make_rollout(components, sd, *, num_steps=NUM_STEPS, eta=0.0, rescale=0.0, height=None, width=None,
+                 denoiser=None, **prepared):
+    """A Rollout without the speed layer's preparation (plain modules; checkpointing as given)."""
+    spec = SampleSpec(num_steps, GUIDANCE, rescale, eta, height, width)
+    denoiser = denoiser if denoiser is not None else components.denoiser
+    return Rollout(sd, components, spec, Prepared(denoiser, components.vae, **prepared), denoiser)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.7])
-def test_no_grad_sampler_equals_diffusers_pipeline(components, eta):
-    from alignprop.generation import build_pipeline
+def x_T(rollout, batch=2, seed=0):
+    return rollout.initial_latents(batch, torch.Generator().manual_seed(seed))
 
-    pipe = build_pipeline(components)  # diffusers' own StableDiffusionPipeline: the reference
+
+@pytest.mark.parametrize("variant,eta,rescale,size", [
+    ("sd1", 0.0, 0.0, None), ("sd1", 0.7, 0.0, None), ("sd1", 0.0, 0.0, (32, 48)),
+    ("sd2", 0.0, 0.0, None), ("sd2", 0.7, 0.7, (48, 32)), ("sd2-base", 0.0, 0.7, None),
+])
+def test_no_grad_rollout_equals_diffusers_pipeline(sd, variant, eta, rescale, size):
+    """Our rollout (prompts encoded by the family, the empty-prompt negative, DDIM from the checkpoint's
+    config with its prediction type, CFG and rescale) equals `StableDiffusionPipeline` on the same x_T."""
+    components = tiny_components(sd, variant)
+    height, width = size or (None, None)
+    rollout = make_rollout(components, sd, eta=eta, rescale=rescale, height=height, width=width)
+    latents = x_T(rollout)
+    pipe = sd.pipeline(components)  # diffusers' own pipeline: the reference
     pipe.set_progress_bar_config(disable=True)
-    embeds, negative, latents = _inputs(components)
     expected = pipe(
-        prompt_embeds=embeds,
-        negative_prompt_embeds=negative,
-        latents=latents.clone(),
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=GUIDANCE,
-        eta=eta,
-        generator=torch.Generator().manual_seed(123),
+        PROMPTS, height=rollout.height, width=rollout.width, latents=latents.clone(), num_inference_steps=NUM_STEPS,
+        guidance_scale=GUIDANCE, guidance_rescale=rescale, eta=eta, generator=torch.Generator().manual_seed(123),
         output_type="pt",
     ).images
-    spec = SamplingSpec(num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=eta)
     with torch.no_grad():
-        ours = sample_images(
-            components.unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0,
-            torch.Generator().manual_seed(123),
-        )
-    assert ours.shape == expected.shape
+        ours = rollout(rollout.encode(PROMPTS), latents, (), torch.Generator().manual_seed(123))
+    assert ours.shape == expected.shape == (2, 3, rollout.height, rollout.width)
     assert ours.min() >= 0 and ours.max() <= 1
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_timesteps_are_python_ints(components):
-    timesteps = ddim_timesteps(components.scheduler, NUM_STEPS)
-    assert all(type(t) is int for t in timesteps)
+def test_v_prediction_and_rescale_change_the_images(sd):
+    """Guard against a reference that ignores the prediction type or the rescale: each changes the output."""
+    outs = {}
+    for variant, rescale in (("sd2", 0.0), ("sd2", 0.7), ("sd2-base", 0.0)):
+        components = tiny_components(sd, variant)
+        rollout = make_rollout(components, sd, rescale=rescale)
+        with torch.no_grad():
+            outs[variant, rescale] = rollout(rollout.encode(PROMPTS), x_T(rollout))
+    assert not torch.allclose(outs["sd2", 0.0], outs["sd2", 0.7], atol=1e-4)
+    assert not torch.allclose(outs["sd2", 0.0], outs["sd2-base", 0.0], atol=1e-4)
+
+
+def test_timesteps(components, sd):
+    rollout = make_rollout(components, sd)
+    schedule = rollout.schedule
+    assert all(type(t) is int for t in schedule.timesteps)
     # SD's "leading" spacing with steps_offset=1: 1000 // 6 = 166 apart, ending at 1.
-    assert timesteps == [166 * i + 1 for i in reversed(range(NUM_STEPS))]
+    assert schedule.timesteps == [166 * i + 1 for i in reversed(range(NUM_STEPS))]
+    # The denoiser's: 0-d int64 tensors made once (no host-device copy per call, no recompilation per step).
+    assert [int(t) for t in schedule.model_timesteps] == schedule.timesteps
+    assert all(t.dtype == torch.int64 and t.ndim == 0 for t in schedule.model_timesteps)
 
 
 # ---- an independent unrolled DDIM loop (plain autograd), written from the DDIM equations ----
 
 
-def _reference_images(unet, vae, alphas_cumprod, embeds, negative, latents, num_steps, detach_first):
-    """DDIM eta=0 (Song et al. 2021, eq. 12) with CFG; UNet outputs of the first `detach_first` steps detached."""
-    step = 1000 // num_steps
-    timesteps = [step * i + 1 for i in reversed(range(num_steps))]
+def reference_images(components, cond, negative, latents, detach_first, prediction="epsilon", rescale=0.0):
+    """DDIM eta=0 (Song et al. 2021, eq. 12) with CFG (and guidance rescale, Lin et al. 2023 eq. 15-16);
+    denoiser outputs of the first `detach_first` steps detached."""
+    unet, vae = components.denoiser, components.vae
+    alphas = components.scheduler.alphas_cumprod.tolist()
+    step = 1000 // NUM_STEPS
+    timesteps = [step * i + 1 for i in reversed(range(NUM_STEPS))]
     x = latents
     for i, t in enumerate(timesteps):
-        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative, embeds])).sample
-        uncond, cond = out.chunk(2)
-        eps = uncond + GUIDANCE * (cond - uncond)
+        out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative, cond])).sample
+        uncond, text = out.chunk(2)
+        pred = uncond + GUIDANCE * (text - uncond)
+        if rescale:
+            std = lambda v: v.flatten(1).std(1).view(-1, 1, 1, 1)  # noqa: E731
+            pred = rescale * pred * std(text) / std(pred) + (1 - rescale) * pred
         if i < detach_first:
-            eps = eps.detach()
-        a_t = alphas_cumprod[t]
-        a_prev = alphas_cumprod[t - step] if t - step >= 0 else alphas_cumprod[0]  # set_alpha_to_one=False
-        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+            pred = pred.detach()
+        a_t = alphas[t]
+        a_prev = alphas[t - step] if t - step >= 0 else alphas[0]  # set_alpha_to_one=False
+        if prediction == "epsilon":
+            eps = pred
+            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        else:  # v = sqrt(a) eps - sqrt(1 - a) x0 (Salimans & Ho 2022)
+            x0 = math.sqrt(a_t) * x - math.sqrt(1 - a_t) * pred
+            eps = math.sqrt(a_t) * pred + math.sqrt(1 - a_t) * x
         x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
     images = vae.decode(x / vae.config.scaling_factor).sample
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def _reward(images):
-    """A fixed differentiable 'reward' (random linear functional of the pixels), independent of reward models."""
-    w = torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(7))
-    return (images * w).flatten(1).sum(1)
+def our_grads(components, sd, k, checkpoint, rescale=0.0, **prepared):
+    rollout = make_rollout(components, sd, rescale=rescale, checkpoint_grad_steps=checkpoint, **prepared)
+    images = rollout(rollout.encode(PROMPTS), x_T(rollout), grad_suffix(NUM_STEPS, k))
+    return lora_grads(components.denoiser, fixed_reward(images).sum())
 
 
-def _lora_grads(unet, loss):
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
+def reference_grads(components, sd, detach_first, prediction="epsilon", rescale=0.0):
+    rollout = make_rollout(components, sd)  # for the same conditioning and x_T only
+    cond = rollout.encode(PROMPTS)["encoder_hidden_states"]
+    negative = rollout.negative["encoder_hidden_states"].expand_as(cond)
+    images = reference_images(components, cond, negative, x_T(rollout), detach_first, prediction, rescale)
+    return lora_grads(components.denoiser, fixed_reward(images).sum())
 
 
-def _our_grads(components, grad_steps, checkpoint, **spec_options):
-    embeds, negative, latents = _inputs(components)
-    spec = SamplingSpec(
-        num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint, **spec_options
-    )
-    images = sample_images(
-        components.unet, components.vae, components.scheduler, embeds, negative, latents, spec, grad_steps, None
-    )
-    return _lora_grads(components.unet, _reward(images).sum())
-
-
-def _reference_grads(components, detach_first):
-    embeds, negative, latents = _inputs(components)
-    alphas = components.scheduler.alphas_cumprod.tolist()
-    images = _reference_images(
-        components.unet, components.vae, alphas, embeds, negative, latents, NUM_STEPS, detach_first
-    )
-    return _lora_grads(components.unet, _reward(images).sum())
-
-
-def _assert_grads_close(ours, ref):
+def assert_grads_close(ours, ref, atol_of_max=0.0):
     assert ours.keys() == ref.keys() and len(ours) > 0
     total = sum(g.abs().sum() for g in ref.values())
     assert total > 0, "reference gradient is zero: the test would prove nothing"
     for name in ref:
-        # fp32 through 6 UNet calls and the VAE; summation order differs (batched CFG vs ours is the same,
-        # but the DDIM arithmetic is written differently), so allow float32 round-off.
-        torch.testing.assert_close(ours[name], ref[name], rtol=2e-4, atol=1e-6, msg=name)
+        # fp32 through 6 UNet calls and the VAE; the DDIM arithmetic is written differently, so allow
+        # float32 round-off (and, with `atol_of_max`, an absolute error of that fraction of the tensor's
+        # largest entry, for entries near zero).
+        atol = max(1e-6, atol_of_max * ref[name].abs().max().item())
+        torch.testing.assert_close(ours[name], ref[name], rtol=2e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_full_backprop_gradient_equals_plain_autograd(lora_components, checkpoint):
-    ours = _our_grads(lora_components, NUM_STEPS, checkpoint)
-    ref = _reference_grads(lora_components, detach_first=0)
-    _assert_grads_close(ours, ref)
+def test_full_backprop_gradient_equals_plain_autograd(lora_components, sd, checkpoint):
+    ours = our_grads(lora_components, sd, NUM_STEPS, checkpoint)
+    assert_grads_close(ours, reference_grads(lora_components, sd, detach_first=0))
     # Both LoRA factors get gradient once lora_B is nonzero.
     assert any("lora_A" in n and g.abs().sum() > 0 for n, g in ours.items())
     assert any("lora_B" in n and g.abs().sum() > 0 for n, g in ours.items())
@@ -138,89 +145,44 @@ def test_full_backprop_gradient_equals_plain_autograd(lora_components, checkpoin
 
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("checkpoint", [False, True])
-def test_truncated_gradient_equals_autograd_with_detached_prefix(lora_components, k, checkpoint):
-    ours = _our_grads(lora_components, k, checkpoint)
-    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - k)
-    _assert_grads_close(ours, ref)
+def test_truncated_gradient_equals_autograd_with_detached_prefix(lora_components, sd, k, checkpoint):
+    ours = our_grads(lora_components, sd, k, checkpoint)
+    assert_grads_close(ours, reference_grads(lora_components, sd, detach_first=NUM_STEPS - k))
 
 
 @pytest.mark.parametrize("uncheckpointed", [1, 3])
-def test_uncheckpointed_last_steps_give_the_same_gradient(lora_components, uncheckpointed):
-    ours = _our_grads(lora_components, 3, True, uncheckpointed_steps=uncheckpointed)
-    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - 3)
-    _assert_grads_close(ours, ref)
+def test_uncheckpointed_last_steps_give_the_same_gradient(lora_components, sd, uncheckpointed):
+    ours = our_grads(lora_components, sd, 3, True, uncheckpointed_steps=uncheckpointed)
+    assert_grads_close(ours, reference_grads(lora_components, sd, detach_first=NUM_STEPS - 3))
 
 
-def test_compiled_unet_and_decoder_give_the_same_gradient(lora_components):
-    """torch.compile of the UNet (every call, grad and no-grad) and of the VAE decoder, through the same
-    checkpointing as training (whole calls, the uncheckpointed last step, the decoder per image).
+@pytest.mark.parametrize("variant,prediction,rescale", [("sd2", "v_prediction", 0.7), ("sd2", "v_prediction", 0.0),
+                                                        ("sd2-base", "epsilon", 0.7)])
+def test_sd2_gradient_equals_plain_autograd(sd, variant, prediction, rescale):
+    """SD 2.x-shaped models: v-prediction (and epsilon), with and without guidance rescale, K = 3."""
+    from alignprop.lora import add_lora
 
-    The "aot_eager" backend traces the graphs that inductor would compile (Dynamo capture, AOTAutograd's
-    joint forward/backward and partition) without generating kernels, so this runs in seconds on a CPU;
-    inductor's own kernels are compared against eager on the GPU by `scripts/benchmark.py --compare-eager`.
-    """
-    import torch._dynamo
-
-    from alignprop.sampling import is_compiled
-
-    options = dict(uncheckpointed_steps=1, checkpoint_decode=True, decode_batch_size=1)
-    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - 3)  # eager: before compiling
-    torch._dynamo.reset()
-    try:
-        lora_components.unet.compile(backend="aot_eager")
-        lora_components.vae.decoder.compile(backend="aot_eager")
-        assert is_compiled(lora_components.unet)
-        ours = _our_grads(lora_components, 3, True, **options)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
-    assert graphs >= 3, "the UNet (with and without grad) and the decoder should each have been captured"
-    _assert_grads_close(ours, ref)
+    components = tiny_components(sd, variant)
+    assert components.scheduler.config.prediction_type == prediction
+    add_lora(components.denoiser, 4, 4.0, sd.lora_targets)
+    randomize_lora(components.denoiser)
+    ours = our_grads(components, sd, 3, True, rescale=rescale, uncheckpointed_steps=1)
+    ref = reference_grads(components, sd, NUM_STEPS - 3, prediction, rescale)
+    # The v-to-(x0, eps) conversion and the rescale's std ratio are computed in another order here than in
+    # diffusers (measured: 6e-6 to 8e-6 relative difference of the whole gradient, at most 4e-5 of a
+    # tensor's largest entry), so entries near zero get an absolute tolerance of 1e-4 of the largest entry.
+    assert_grads_close(ours, ref, atol_of_max=1e-4)
 
 
-def test_compiled_blocks_give_the_same_gradient(lora_components):
-    """Regional compilation (train.compile_scope="blocks"): each attention and ResNet block compiled on its
-    own, the glue eager, same checkpointing as training; gradients equal plain autograd's."""
-    import ml_collections
-    import torch._dynamo
-
-    from alignprop.models import compile_models
-    from alignprop.sampling import is_compiled
-
-    train = ml_collections.ConfigDict(dict(
-        compile_unet=True, compile_grad_steps=True, compile_decoder=False, compile_mode="default",
-        compile_backend="aot_eager", compile_memory_budget=1.0, compile_scope="blocks",
-    ))
-    ref = _reference_grads(lora_components, detach_first=NUM_STEPS - 3)  # eager: before compiling
-    torch._dynamo.reset()
-    try:
-        compile_models(lora_components, train)
-        assert is_compiled(lora_components.unet) and not is_compiled(lora_components.vae.decoder)
-        ours = _our_grads(lora_components, 3, True, uncheckpointed_steps=1)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    finally:
-        torch._dynamo.reset()
-    assert graphs >= 2, "the blocks (with and without grad) should have been captured"
-    _assert_grads_close(ours, ref)
-
-
-def test_timestep_tensors_are_made_once():
-    from alignprop.sampling import timestep_tensor
-
-    t = timestep_tensor(981, torch.device("cpu"))
-    assert t.dtype == torch.int64 and t.ndim == 0 and int(t) == 981
-    assert timestep_tensor(981, torch.device("cpu")) is t
-
-
-def test_truncation_changes_the_gradient(lora_components):
+def test_truncation_changes_the_gradient(lora_components, sd):
     """Guard against a reference that ignores K: K=1 and K=T give different gradients."""
-    g1 = _our_grads(lora_components, 1, False)
-    gt = _our_grads(lora_components, NUM_STEPS, False)
+    g1 = our_grads(lora_components, sd, 1, False)
+    gt = our_grads(lora_components, sd, NUM_STEPS, False)
     diff = sum((g1[n] - gt[n]).abs().sum() for n in g1)
     assert diff > 1e-3 * sum(g.abs().sum() for g in gt.values())
 
 
-class _CountingUNet(torch.nn.Module):
+class CountingUNet(torch.nn.Module):
     """Wraps a UNet; records for each call whether its output joined the graph and received gradient."""
 
     def __init__(self, unet):
@@ -246,55 +208,43 @@ class _CountingUNet(torch.nn.Module):
 @pytest.mark.parametrize(
     "k,checkpoint,uncheckpointed", [(1, False, 0), (2, False, 0), (NUM_STEPS, False, 0), (2, True, 0), (3, True, 1)]
 )
-def test_exactly_the_last_k_unet_calls_receive_gradient(lora_components, k, checkpoint, uncheckpointed):
-    counting = _CountingUNet(lora_components.unet)
-    embeds, negative, latents = _inputs(lora_components)
-    spec = SamplingSpec(
-        num_steps=NUM_STEPS, guidance_scale=GUIDANCE, eta=0.0, checkpoint_grad_steps=checkpoint,
-        uncheckpointed_steps=uncheckpointed,
-    )
-    images = sample_images(
-        counting, lora_components.vae, lora_components.scheduler, embeds, negative, latents, spec, k, None
-    )
+def test_exactly_the_last_k_denoiser_calls_receive_gradient(lora_components, sd, k, checkpoint, uncheckpointed):
+    counting = CountingUNet(lora_components.denoiser)
+    rollout = make_rollout(lora_components, sd, denoiser=counting, checkpoint_grad_steps=checkpoint,
+                           uncheckpointed_steps=uncheckpointed)
+    images = rollout(rollout.encode(PROMPTS), x_T(rollout), grad_suffix(NUM_STEPS, k))
     assert len(counting.calls) == NUM_STEPS
     forward_calls = list(counting.calls)
-    _reward(images).sum().backward()
+    fixed_reward(images).sum().backward()
     # Checkpointing re-runs the last K calls in backward (recomputation), except the uncheckpointed last ones.
     assert len(counting.calls) == NUM_STEPS + (k - uncheckpointed if checkpoint else 0)
-    got = [c["got_grad"] for c in forward_calls]
-    enabled = [c["grad_enabled"] for c in forward_calls]
     expected = [i >= NUM_STEPS - k for i in range(NUM_STEPS)]
-    assert got == expected
-    assert enabled == expected  # steps before the cut build no graph at all
+    assert [c["got_grad"] for c in forward_calls] == expected
+    assert [c["grad_enabled"] for c in forward_calls] == expected  # steps before the cut build no graph at all
 
 
-def test_eta_noise_does_not_depend_on_k(components):
-    """With eta > 0 every step draws its noise, so the no-grad result is the same whatever K is."""
-    embeds, negative, latents = _inputs(components)
-    outs = []
-    for k in (0, 2):
-        timesteps = ddim_timesteps(components.scheduler, NUM_STEPS)
-        denoise = guided_unet(components.unet, embeds, negative, GUIDANCE)
-        with torch.no_grad():
-            outs.append(
-                ddim_rollout(denoise, components.scheduler, latents, timesteps, k, eta=1.0,
-                             generator=torch.Generator().manual_seed(5))
-            )
+def test_eta_noise_does_not_depend_on_k(components, sd):
+    """With eta > 0 every step draws its noise, so the result is the same whatever K is."""
+    rollout = make_rollout(components, sd, eta=1.0)
+    cond, latents = rollout.encode(PROMPTS), x_T(rollout)
+    outs = [rollout(cond, latents, grad_suffix(NUM_STEPS, k), torch.Generator().manual_seed(5)).detach()
+            for k in (0, 2)]
     torch.testing.assert_close(outs[0], outs[1])
 
 
-def test_decode_maps_to_unit_range_once(components):
+def test_decode_maps_to_unit_range_once(components, sd):
+    rollout = make_rollout(components, sd, num_steps=1)
     latents = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         raw = components.vae.decode(latents / components.vae.config.scaling_factor).sample
-        images = decode_latents(components.vae, latents)
+        images = (rollout.prepared.decode(sd.vae_input(components, latents)) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(images, (raw / 2 + 0.5).clamp(0, 1))
 
 
-def test_progress_bar_over_ddim_steps(components, capsys):
-    embeds, negative, latents = _inputs(components)
-    spec = SamplingSpec(num_steps=3, guidance_scale=GUIDANCE, eta=0.0, progress=True)
+def test_progress_bar_over_the_steps(components, sd, capsys):
+    rollout = make_rollout(components, sd, num_steps=3)
+    rollout.progress = True
     with torch.no_grad():
-        sample_images(components.unet, components.vae, components.scheduler, embeds, negative, latents, spec, 0, None)
+        rollout(rollout.encode(PROMPTS), x_T(rollout))
     err = capsys.readouterr().err
-    assert "DDIM steps" in err and "0/3" in err  # a bar over the 3 steps (leave=False erases the last frame)
+    assert "denoising steps" in err and "0/3" in err  # a bar over the 3 steps (leave=False erases the last frame)

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 
-from alignprop.truncation import draw_grad_steps
+from alignprop.truncation import Truncation
 
 T = 50
 
 
 def _draws(mode, n, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    return [draw_grad_steps(mode, T, g, **kw) for _ in range(n)]
+    truncation = Truncation(mode, T, **kw)
+    return [truncation.draw(g) for _ in range(n)]
 
 
 def test_fixed():
@@ -70,4 +71,22 @@ def test_gaussian_is_clipped_to_bounds():
 
 def test_unknown_mode():
     with pytest.raises(ValueError, match="fixed, uniform, gaussian"):
-        draw_grad_steps("per_step", T, torch.Generator())
+        Truncation("per_step", T).draw(torch.Generator())
+
+
+def test_problems_name_the_keys():
+    from alignprop.truncation import problems
+    from helpers import config
+
+    assert problems(config()) == []
+    bad = problems(config(overrides={"train.truncation": "random"}))
+    assert bad == ["config.train.truncation='random': must be one of fixed, uniform, gaussian"]
+    assert "config.train.k=9: must be in [1, sample.num_steps=8]" in problems(
+        config(overrides={"train.truncation": "fixed", "train.k": 9}))
+    assert "k_max <= sample.num_steps=8" in problems(config(overrides={"train.k_max": 9}))[0]
+    # A cut point far outside the steps clips every draw to one bound: K would never change.
+    (clipped,) = problems(config(overrides={"train.truncation": "gaussian"}))  # cut_mean 42 of 8 steps
+    assert "config.train.cut_mean=42.0" in clipped and "clipped to k_min" in clipped
+    assert (
+        problems(config(overrides={"train.truncation": "gaussian", "train.cut_mean": 5.0, "train.cut_std": 1.0})) == []
+    )

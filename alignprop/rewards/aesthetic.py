@@ -2,7 +2,7 @@
 
 Weights: the MLP `sac+logos+ava1-l14-linearMSE.pth` (published on the hub as
 `trl-lib/ddpo-aesthetic-predictor` / `aesthetic-model.pth`) and the image tower of
-`openai/clip-vit-large-patch14`.
+`openai/clip-vit-large-patch14`; `clip_model="tiny"` or `"random"` builds the tower instead (rewards/towers.py).
 """
 
 import os
@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from alignprop.errors import first_line
-from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained, prepare_scorer
+from alignprop.rewards import Reward, towers
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, load_pretrained
 from alignprop.rewards.preprocess import clip_preprocess
 from alignprop.rng import seeded
+from alignprop.speed import prepare_scorer
 
 
 class AestheticMLP(nn.Module):
@@ -86,46 +88,39 @@ class AestheticScorer(nn.Module):
         return self.mlp(embeds).squeeze(-1)
 
 
-def build_scorer(cfg, seed=0, random_weights=False, device=None):
-    """The scorer named by `config.reward.aesthetic` (`clip_model='tiny'` gives a random tiny one;
-    `random_weights`: CLIP ViT-L/14's architecture and the MLP with random weights on `device`, nothing read)."""
-    from transformers import CLIPVisionModelWithProjection
-
-    if random_weights and cfg.clip_model != "tiny":
-        from alignprop.random_init import build_vit_l14_vision
-
-        vision = build_vit_l14_vision(seed, device)
+def build_scorer(cfg, seed=0, device=None):
+    """The scorer of `config.reward.aesthetic`: `clip_model` a hub id or folder, 'tiny' (a tiny random tower and
+    MLP, or the MLP at `mlp_path`), or 'random' (CLIP ViT-L/14's architecture and the MLP with seeded random
+    weights, built on `device`; nothing read)."""
+    if cfg.clip_model == "random":
+        vision = towers.vit_l14_vision_tower(seed, device)
         with seeded(seed + 1, device), torch.device(device or "cpu"):
             return AestheticScorer(vision, AestheticMLP(vision.config.projection_dim))
-
     if cfg.clip_model == "tiny":
-        from alignprop.tiny import tiny_clip_vision_config
-
-        full = tiny_clip_vision_config()
-        vision_config = full.vision_config
-        vision_config.projection_dim = full.projection_dim
-        with seeded(seed):
-            vision = CLIPVisionModelWithProjection(vision_config)
-            mlp = AestheticMLP(vision_config.projection_dim)
+        with seeded(seed):  # the tower, then the MLP, from one seed
+            vision = towers.tiny_vision_tower()
+            mlp = AestheticMLP(vision.config.projection_dim)
         if cfg.mlp_path:
             load_mlp(mlp, cfg, cfg.mlp_path)
         return AestheticScorer(vision, mlp)
 
-    vision = load_pretrained(
-        CLIPVisionModelWithProjection, cfg.clip_model, key="config.reward.aesthetic.clip_model"
-    )
+    from transformers import CLIPVisionModelWithProjection
+
+    vision = load_pretrained(CLIPVisionModelWithProjection, cfg.clip_model, key="config.reward.aesthetic.clip_model")
     path = cfg.mlp_path or hub_file(cfg.mlp_repo, cfg.mlp_file, key="config.reward.aesthetic.mlp_path")
     mlp = load_mlp(AestheticMLP(vision.config.projection_dim), cfg, path)
     return AestheticScorer(vision, mlp)
 
 
-def as_reward_fn(scorer):
+def build(cfg, seed=0, device=None, dtype=None):
+    scorer = prepare_scorer(build_scorer(cfg, seed, device), device, dtype)
+
     def reward_fn(images, prompts, metadata):
         return scorer(images).float(), {}
 
     return reward_fn
 
 
-def make(config, device, dtype):
-    scorer = build_scorer(config.reward.aesthetic, config.seed, config.get("random_weights", False), device)
-    return as_reward_fn(prepare_scorer(scorer, device, dtype))
+REWARDS = (
+    Reward("aesthetic", "aesthetic", build, "LAION aesthetic MLP on the CLIP ViT-L/14 image embedding (about 1-10)"),
+)

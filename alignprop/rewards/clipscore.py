@@ -11,8 +11,10 @@
 import torch
 from torch import nn
 
-from alignprop.rewards.loading import load_pretrained, prepare_scorer
+from alignprop.rewards import Reward, towers
+from alignprop.rewards.loading import load_pretrained
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from alignprop.speed import prepare_scorer
 
 TINY = "tiny"
 
@@ -65,18 +67,17 @@ class CLIPSimilarityScorer(nn.Module):
 
 
 def build_scorer(cfg, key, use_logit_scale, seed=0):
-    """Scorer of `config.reward.<key>`: `model` (hub id, local folder or 'tiny') + `processor` (tokenizer, normalization)."""
+    """Scorer of `config.reward.<key>`: `model` (hub id, local folder or 'tiny') + `processor` (tokenizer and
+    normalization)."""
+    if cfg.model == TINY:
+        from alignprop.tokenizers import clip_tokenizer
+
+        return CLIPSimilarityScorer(towers.tiny_clip(seed), clip_tokenizer(), use_logit_scale=use_logit_scale)
+
     from transformers import AutoProcessor, CLIPModel
 
-    if cfg.model == TINY:
-        from alignprop.tiny import build_tiny_clip, clip_tokenizer
-
-        model = build_tiny_clip(seed)
-        return CLIPSimilarityScorer(model, clip_tokenizer(), use_logit_scale=use_logit_scale)
-
     model = load_pretrained(CLIPModel, cfg.model, key=f"config.reward.{key}.model")
-    processor_key = f"config.reward.{key}.processor"
-    processor = load_pretrained(AutoProcessor, cfg.processor or cfg.model, key=processor_key)
+    processor = load_pretrained(AutoProcessor, cfg.processor or cfg.model, key=f"config.reward.{key}.processor")
     image_processor = processor.image_processor
     return CLIPSimilarityScorer(
         model,
@@ -87,20 +88,40 @@ def build_scorer(cfg, key, use_logit_scale, seed=0):
     )
 
 
-def _make(config, device, dtype, key, use_logit_scale):
-    scorer = prepare_scorer(build_scorer(config.reward[key], key, use_logit_scale, seed=config.seed), device, dtype)
+def _builder(key, use_logit_scale):
+    def build(cfg, seed=0, device=None, dtype=None):
+        scorer = prepare_scorer(build_scorer(cfg, key, use_logit_scale, seed), device, dtype)
 
-    def reward_fn(images, prompts, metadata):
-        return scorer(images, prompts).float(), {}
+        def reward_fn(images, prompts, metadata):
+            return scorer(images, prompts).float(), {}
 
-    return reward_fn
+        return reward_fn
 
-
-def make(config, device, dtype):
-    """CLIP score (`config.reward.clipscore`): cosine of image and prompt embeddings."""
-    return _make(config, device, dtype, "clipscore", use_logit_scale=False)
+    return build
 
 
-def make_pickscore(config, device, dtype):
-    """PickScore (`config.reward.pickscore`): logit_scale.exp() x cosine."""
-    return _make(config, device, dtype, "pickscore", use_logit_scale=True)
+def problems(cfg, prefix):
+    if cfg.model == "random":
+        return [
+            f"{prefix}.model='random': this reward has no built-in architecture to initialize randomly; give its "
+            f"weights (hub id or folder) or 'tiny'"
+        ]
+    return []
+
+
+REWARDS = (
+    Reward(
+        "clipscore",
+        "clipscore",
+        _builder("clipscore", False),
+        "cosine of CLIP image and prompt embeddings (about 0.2-0.35)",
+        problems=problems,
+    ),
+    Reward(
+        "pickscore",
+        "pickscore",
+        _builder("pickscore", True),
+        "PickScore v1: logit_scale.exp() x cosine (about 18-23)",
+        problems=problems,
+    ),
+)

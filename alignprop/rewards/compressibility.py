@@ -23,6 +23,8 @@ import io
 import torch
 import torch.nn.functional as F
 
+from alignprop.rewards import Reward
+
 # ITU-T T.81 Annex K.1, Tables K.1 (luminance) and K.2 (chrominance), in row-major (not zigzag) order.
 LUMA_QUANT = (
     (16, 11, 10, 16, 24, 40, 51, 61),
@@ -133,22 +135,28 @@ def jpeg_kb(images, quality=95):
     return torch.tensor(sizes, dtype=torch.float32)
 
 
-def _sized_reward(config, sign):
+def _builder(sign):
     """`sign` x the surrogate JPEG size (kB); the true Pillow size is logged as `jpeg_kb`."""
-    quality = config.reward.compressibility.quality
 
-    def reward_fn(images, prompts, metadata):
-        size = jpeg_size_surrogate(images, quality)
-        return sign * size, {"jpeg_kb": jpeg_kb(images, quality).to(size.device)}
+    def build(cfg, seed=0, device=None, dtype=None):
+        def reward_fn(images, prompts, metadata):
+            size = jpeg_size_surrogate(images, cfg.quality)
+            return sign * size, {"jpeg_kb": jpeg_kb(images, cfg.quality).to(size.device)}
 
-    return reward_fn
+        return reward_fn
 
-
-def make(config, device, dtype):
-    """Compressibility: −(surrogate JPEG kB)."""
-    return _sized_reward(config, -1.0)
+    return build
 
 
-def make_incompressibility(config, device, dtype):
-    """Incompressibility: +(surrogate JPEG kB)."""
-    return _sized_reward(config, 1.0)
+def problems(cfg, prefix):
+    if not 1 <= cfg.quality <= 100:
+        return [f"{prefix}.quality={cfg.quality!r}: must be a JPEG quality in [1, 100]"]
+    return []
+
+
+REWARDS = (
+    Reward("compressibility", "compressibility", _builder(-1.0), "minus the differentiable JPEG-size estimate (kB)",
+           problems=problems),
+    Reward("incompressibility", "compressibility", _builder(1.0), "the differentiable JPEG-size estimate (kB)",
+           problems=problems),
+)

@@ -5,7 +5,7 @@ prompt embeddings (the diagonal of image·text features, no logit scale), about 
 AlignProp minimizes 1 − score; the reward is the score, which gives the same gradient.
 
 Weights: hub repo `xswu/HPSv2`, `HPS_v2_compressed.pt` (`hps`) or `HPS_v2.1_compressed.pt` (`hps_v21`),
-a dict with a `state_dict` key, or a local copy at `config.reward.<name>.path`.
+a dict with a `state_dict` key, or a local copy at `config.reward.<name>.path` (`"random"`: random weights).
 """
 
 import os
@@ -13,12 +13,15 @@ import os
 import torch
 from torch import nn
 
-from alignprop.errors import ConfigError, first_line, library_message
-from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file, prepare_scorer
+from alignprop.errors import first_line, library_message
+from alignprop.rewards import Reward, towers
+from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError, hub_file
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
 from alignprop.rng import seeded
+from alignprop.speed import prepare_scorer
 
 TINY = "tiny"
+RANDOM = "random"  # `path`: seeded random weights of the architecture, nothing read
 
 
 class HPSScorer(nn.Module):
@@ -79,24 +82,18 @@ def load_hps_checkpoint(model, path, fix=""):
         ) from e
 
 
-def build_scorer(cfg, key, seed=0, random_weights=False, device=None):
-    """The scorer named by `config.reward.<key>`: open_clip `cfg.model` + the HPS checkpoint ('tiny': random;
-    `random_weights`: the architecture with seeded random weights built on `device`, no checkpoint read)."""
+def build_scorer(cfg, key, seed=0, device=None):
+    """The scorer of `config.reward.<key>`: open_clip architecture `cfg.model` + the HPS checkpoint; `model='tiny'`
+    builds a tiny random model (or loads `path` into it); `path='random'` gives the architecture seeded random
+    weights, built on `device`, with nothing read."""
     import open_clip
 
     if cfg.model == TINY:
-        from alignprop.tiny import build_tiny_open_clip
-
-        model = build_tiny_open_clip(seed)
+        model = towers.tiny_open_clip(seed)
         if cfg.path:
             load_hps_checkpoint(model, cfg.path, _fix(cfg, key))
         return HPSScorer(model, open_clip.SimpleTokenizer(context_length=model.context_length))
-
-    if open_clip.get_model_config(cfg.model) is None:
-        raise ConfigError(
-            f"config.reward.{key}.model={cfg.model!r} is not an open_clip architecture "
-            f"(HPSv2 uses 'ViT-H-14'; 'tiny' builds a random tiny model); known: {', '.join(open_clip.list_models())}."
-        )
+    random_weights = cfg.path == RANDOM
     if not random_weights:  # weights first: offline, fail before building a 1B-parameter model
         path = cfg.path or hub_file(cfg.repo, cfg.file, key=f"config.reward.{key}.path")
     # The architecture only: HPS fine-tunes all weights, so the LAION weights would be loaded for nothing.
@@ -108,6 +105,18 @@ def build_scorer(cfg, key, seed=0, random_weights=False, device=None):
     return HPSScorer(model, open_clip.get_tokenizer(cfg.model))
 
 
+def problems(cfg, prefix):
+    """The architecture must be one open_clip knows (checked before any model loads)."""
+    if cfg.model == TINY:
+        return []
+    import open_clip
+
+    if open_clip.get_model_config(cfg.model) is None:
+        return [f"{prefix}.model={cfg.model!r}: not an open_clip architecture (HPSv2 uses 'ViT-H-14'; 'tiny' builds a "
+                f"random tiny model); known: {', '.join(open_clip.list_models())}"]
+    return []
+
+
 def _fix(cfg, key):
     """How to point `config.reward.<key>` at a good checkpoint."""
     return (
@@ -116,21 +125,27 @@ def _fix(cfg, key):
     )
 
 
-def _make(config, device, dtype, key):
-    scorer = build_scorer(config.reward[key], key, config.seed, config.get("random_weights", False), device)
-    scorer = prepare_scorer(scorer, device, dtype)
+def _builder(key):
+    def build(cfg, seed=0, device=None, dtype=None):
+        scorer = prepare_scorer(build_scorer(cfg, key, seed, device), device, dtype)
 
-    def reward_fn(images, prompts, metadata):
-        return scorer(images, prompts).float(), {}
+        def reward_fn(images, prompts, metadata):
+            return scorer(images, prompts).float(), {}
 
-    return reward_fn
+        return reward_fn
 
-
-def make_v2(config, device, dtype):
-    """HPSv2 (`config.reward.hps`)."""
-    return _make(config, device, dtype, "hps")
+    return build
 
 
-def make_v21(config, device, dtype):
-    """HPSv2.1 (`config.reward.hps_v21`)."""
-    return _make(config, device, dtype, "hps_v21")
+REWARDS = (
+    Reward(
+        "hps",
+        "hps",
+        _builder("hps"),
+        "HPSv2: cosine of open_clip ViT-H-14 image and prompt embeddings (~0.25-0.35)",
+        problems=problems,
+    ),
+    Reward(
+        "hps_v21", "hps_v21", _builder("hps_v21"), "HPSv2.1: HPSv2's architecture, retrained weights", problems=problems
+    ),
+)

@@ -61,12 +61,3 @@ def load_pretrained(cls, name_or_path, key, **kwargs):
             f"Point `{key}` at a checkpoint of this model."
         )
     return model
-
-
-def prepare_scorer(scorer, device, dtype):
-    """A reward model on `device` in `dtype`, its patch-embedding convolutions computed as matrix products
-    (same function; cuDNN's backward for them is slow, see alignprop/kernels.py)."""
-    from alignprop.kernels import use_patch_matmuls
-
-    use_patch_matmuls(scorer)
-    return scorer.to(device, dtype=dtype)

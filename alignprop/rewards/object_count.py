@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from alignprop.errors import ConfigError
-from alignprop.prompts import PromptError
-from alignprop.rewards.loading import load_pretrained, prepare_scorer
+from alignprop.rewards import Reward, towers
+from alignprop.rewards.loading import load_pretrained
 from alignprop.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess
+from alignprop.speed import prepare_scorer
 
 TINY = "tiny"
 
@@ -86,9 +87,9 @@ def build_counter(cfg, seed=0):
     import transformers
 
     if cfg.model == TINY:
-        from alignprop.tiny import build_tiny_owlvit, clip_tokenizer
+        from alignprop.tokenizers import clip_tokenizer
 
-        return SoftCounter(build_tiny_owlvit(seed), clip_tokenizer(), query=cfg.query)
+        return SoftCounter(towers.tiny_owlvit(seed), clip_tokenizer(), query=cfg.query)
 
     key = "config.reward.object_count.model"
     model_config = load_pretrained(transformers.AutoConfig, cfg.model, key=key)
@@ -134,34 +135,49 @@ def metadata_problem(metadata):
     return None
 
 
-def check_metadata(metadata, prompts, config):
-    """(objects, counts) from the metadata, or an error naming the prompt and the prompt-set keys."""
-    for prompt, meta in zip(prompts, metadata):
-        problem = metadata_problem(meta)
-        if problem:
-            raise PromptError(
-                f"object_count needs 'object' and 'count' in every prompt's metadata, but prompt {prompt!r} "
-                f"{problem}. "
-                f"Use config.prompt_fn='counting' (and config.eval_prompt_fn='eval_counting') "
-                f"or a JSON prompt file of {{'prompt': ..., 'object': ..., 'count': ...}} objects "
-                f"(now config.prompt_fn={config.prompt_fn!r}, config.eval_prompt_fn={config.eval_prompt_fn!r})."
-            )
-    return [m["object"] for m in metadata], [float(parse_count(m["count"])) for m in metadata]
-
-
-def make(config, device, dtype):
-    cfg = config.reward.object_count
-    if "{}" not in cfg.query:
-        raise ConfigError(f"config.reward.object_count.query={cfg.query!r} must contain '{{}}' for the object name.")
-    counter = prepare_scorer(build_counter(cfg, seed=config.seed), device, dtype)
+def build(cfg, seed=0, device=None, dtype=None):
+    counter = prepare_scorer(build_counter(cfg, seed), device, dtype)
 
     def reward_fn(images, prompts, metadata):
-        objects, counts = check_metadata(metadata, prompts, config)
+        objects = [m["object"] for m in metadata]
         logits = counter(images, objects).float()
-        counts = torch.tensor(counts, device=logits.device)
+        counts = torch.tensor([float(parse_count(m["count"])) for m in metadata], device=logits.device)
         soft = soft_count(logits, cfg.threshold, cfg.temperature)
         hard = hard_count(logits, cfg.threshold)
-        info = {"soft_count": soft.detach(), "count_error": (hard - counts).abs(), "count_exact": (hard == counts).float()}
+        error = (hard - counts).abs()
+        info = {"soft_count": soft.detach(), "count_error": error, "count_exact": (hard == counts).float()}
         return -(soft - counts).abs(), info
 
     return reward_fn
+
+
+def problems(cfg, prefix):
+    checks = [
+        (
+            "query",
+            isinstance(cfg.query, str) and "{}" in cfg.query,
+            "must contain '{}' for the object name, e.g. 'a photo of a {}'",
+        ),
+        ("threshold", 0 < cfg.threshold < 1, "must be a probability in (0, 1), e.g. 0.1"),
+        ("temperature", cfg.temperature > 0, "must be > 0 (logit units), e.g. 0.25"),
+    ]
+    out = [f"{prefix}.{key}={cfg[key]!r}: {why}" for key, ok, why in checks if not ok]
+    if cfg.model == "random":
+        out.append(
+            f"{prefix}.model='random': this reward has no built-in architecture to initialize randomly; give its "
+            f"weights (hub id or folder) or 'tiny'"
+        )
+    return out
+
+
+REWARDS = (
+    Reward(
+        "object_count",
+        "object_count",
+        build,
+        "−|soft count − count| of OWL-ViT detections of the prompt's object (0 is best)",
+        problems=problems,
+        metadata=("object", "count"),
+        metadata_problem=metadata_problem,
+    ),
+)

@@ -1,0 +1,146 @@
+"""The speed layer: everything that makes a rollout fast or light, prepared in one place (`config.speed`).
+
+The families and the sampling loop compute the same numbers with or without it; each part is measured in
+BENCHMARKS.md and checked against plain autograd in the tests:
+- the merged LoRA forward (`kernels.merge_lora_forward`; peft's side branch doubles the UNet forward);
+- `torch.compile` of the denoiser, for the steps with and without gradients, and of the VAE decoder;
+- the checkpoint plan: each grad step's denoiser call recomputed in backward (but the last
+  `uncheckpointed_steps`), block checkpointing inside it, the decoder run and recomputed in chunks,
+  optionally the reward model recomputed;
+- the reward towers' patch embeddings as matrix products (`kernels.use_patch_matmuls`);
+- TF32 and cuDNN's algorithm search.
+"""
+
+import dataclasses
+import logging
+
+import torch
+from torch.autograd.profiler import record_function
+from torch.utils.checkpoint import checkpoint
+
+from alignprop import kernels
+from alignprop.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def set_torch_flags(speed):
+    """The global torch settings of `config.speed`: TF32 matmuls and convolutions; cuDNN's algorithm search
+    (the shapes of a run are fixed, so its timing of each convolution shape is paid once)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.tf32
+    torch.backends.cudnn.benchmark = True
+
+
+def inference_dtype(mixed_precision):
+    """The dtype of the frozen weights for accelerate's `mixed_precision` setting."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def check_precision(mixed_precision, device):
+    """fp16/bf16 need hardware that has them: fp16 autocast and GradScaler need CUDA; bf16 needs Ampere+ or CPU."""
+    if device.type == "cpu" and mixed_precision == "fp16":
+        raise ConfigError("config.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on the CPU.")
+    if device.type == "cuda" and mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config.mixed_precision='bf16': this GPU has no bf16; use 'fp16'.")
+
+
+def problems(config):
+    """Start-up checks of `config.speed`."""
+    out = []
+    for key, what in (
+        ("uncheckpointed_steps", "0: checkpoint every grad step"),
+        ("decode_chunk", "0: decode all at once"),
+    ):
+        value = config.speed[key]
+        if not (isinstance(value, int) and value >= 0):
+            out.append(f"config.speed.{key}={value!r}: must be an int >= 0 ({what})")
+    return out
+
+
+def prepare_scorer(scorer, device, dtype):
+    """A reward model on `device` in `dtype`, its patch-embedding convolutions computed as matrix products."""
+    kernels.use_patch_matmuls(scorer)
+    return scorer.to(device, dtype=dtype)
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What the rollout runs: ready-made denoiser, grad-step wrapper and decoder (see `prepare`)."""
+
+    denoiser: torch.nn.Module  # runs the steps without gradients (compiled in place when `compiled`)
+    vae: torch.nn.Module
+    compiled: bool = False
+    checkpoint_grad_steps: bool = True
+    uncheckpointed_steps: int = 0  # the last this many grad steps keep their activations
+    decode_chunk: int = 0  # decode this many images at a time (0: all)
+    checkpoint_decode: bool = False
+
+    def grad_denoise(self, denoise, num_steps):
+        """`denoise(latents, i)` for the steps with gradients: checkpointed but for the last steps."""
+        first_kept = num_steps - self.uncheckpointed_steps
+
+        def step(latents, i):
+            if self.compiled and torch.is_grad_enabled() and not latents.requires_grad:
+                # Every grad step then sees latents that require grad (as all but the first do anyway): one
+                # compiled graph for all of them instead of two. Costs one small input gradient.
+                latents = latents.detach().requires_grad_()
+            if self.checkpoint_grad_steps and i < first_kept and torch.is_grad_enabled():
+                return checkpoint(denoise, latents, i, use_reentrant=False)
+            return denoise(latents, i)
+
+        return step
+
+    def decode(self, vae_input):
+        """VAE decoder output in [-1, 1] of VAE-ready latents, in chunks, each recomputed in backward if asked."""
+
+        def decode(z):
+            return self.vae.decode(z, return_dict=False)[0]
+
+        chunks = vae_input.split(self.decode_chunk or len(vae_input))
+        with record_function("alignprop.decode"):
+            if self.checkpoint_decode and torch.is_grad_enabled():
+                return torch.cat([checkpoint(decode, z, use_reentrant=False) for z in chunks])
+            return torch.cat([decode(z) for z in chunks])
+
+
+def prepare(components, speed, backend="inductor"):
+    """Make `components` fast in place and return what the rollout runs (`config.speed` decides).
+
+    The LoRA adapter named "default" (training's) runs merged into its weights; `compile` compiles the
+    denoiser in place, so every call of it (through DDP too, forward and backward) runs compiled, and the
+    VAE decoder likewise, with static shapes: each batch shape (training's, evaluation's) gets its own
+    graph instead of a slower shape-generic one. On the CPU, inductor is skipped (minutes of C++
+    compilation for little gain); tests pass backend="aot_eager" to trace without generating kernels.
+    """
+    denoiser = components.denoiser
+    kernels.merge_lora_forward(denoiser)
+    if speed.checkpoint_blocks:
+        denoiser.enable_gradient_checkpointing()
+    compiled = speed.compile
+    if compiled and next(denoiser.parameters()).device.type == "cpu" and backend == "inductor":
+        logger.info("torch.compile skipped on the CPU (config.speed.compile)")
+        compiled = False
+    if compiled:
+        options = {"backend": backend, "dynamic": False}
+        denoiser.compile(**options)
+        components.vae.decoder.compile(**options)
+    return Prepared(
+        denoiser=denoiser,
+        vae=components.vae,
+        compiled=compiled,
+        checkpoint_grad_steps=speed.checkpoint_grad_steps,
+        uncheckpointed_steps=speed.uncheckpointed_steps,
+        decode_chunk=speed.decode_chunk,
+        checkpoint_decode=speed.checkpoint_decode,
+    )
+
+
+def reward_call(reward_fn, speed):
+    """The reward function as training calls it: recomputed in backward with `speed.checkpoint_reward`."""
+    if not speed.checkpoint_reward:
+        return reward_fn
+
+    def checkpointed(images, prompts, metadata):
+        return checkpoint(reward_fn, images, prompts, metadata, use_reentrant=False)
+
+    return checkpointed

@@ -1,0 +1,122 @@
+"""Tokenizers built offline, and the one place prompts are tokenized (with the over-long prompt warning).
+
+The CLIP tokenizer is the real one (49408 tokens), built from the BPE vocabulary file that open_clip_torch
+ships inside its package; real checkpoints bring their own tokenizers, this one serves the tiny and
+random-weight models.
+"""
+
+import functools
+import gzip
+import logging
+import os
+import weakref
+
+logger = logging.getLogger(__name__)
+
+CLIP_MAX_LENGTH = 77
+CLIP_VOCAB_SIZE = 49408
+CLIP_BOS, CLIP_EOS = 49406, 49407
+
+
+def _bytes_to_unicode():
+    """GPT-2 / CLIP byte -> printable unicode character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_vocab_and_merges():
+    import importlib.util
+
+    # Located without importing open_clip (whose import pulls in timm and torchvision).
+    package = importlib.util.find_spec("open_clip")
+    if package is None:
+        raise ModuleNotFoundError("the offline CLIP tokenizer needs open_clip_torch (`pip install open_clip_torch`)")
+    path = os.path.join(package.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # Line 0 is a version header; CLIP uses merges 1..48894 (49152 - 256 - 2), as open_clip does.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return vocab, merges
+
+
+def clip_tokenizer(pad_token=None):
+    """The real CLIP tokenizer (49408 tokens, max length 77), built offline.
+
+    `pad_token="!"` gives the padding of open_clip's tokenizers (id 0), as SD 2.x's tokenizer pads.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_vocab_and_merges()
+    extra = {"pad_token": pad_token} if pad_token else {}
+    # model_max_length must be set: without it padding to max_length overflows.
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_MAX_LENGTH, **extra)
+
+
+def tiny_clip_text_config(max_positions=CLIP_MAX_LENGTH, pad_token_id=CLIP_EOS, hidden_act="quick_gelu"):
+    """A tiny CLIP text tower over the real vocabulary, to pair with `clip_tokenizer` (text encoders and the
+    reward models' text towers of the tiny configs)."""
+    return dict(
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=CLIP_BOS,
+        eos_token_id=CLIP_EOS,
+        pad_token_id=pad_token_id,
+        hidden_act=hidden_act,
+    )
+
+
+def token_ids(tokenizer, prompts, device):
+    """Prompt strings -> input ids [B, max_length], padded and truncated as diffusers' pipelines do.
+
+    The first truncation of a run is logged (one warning per tokenizer, with the number of dropped tokens).
+    """
+    prompts = list(prompts)
+    _report_truncation(tokenizer, prompts)
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+# Tokenizers that have reported a truncated prompt: one warning per run (one tokenizer), not one per batch.
+_TRUNCATION_REPORTED = weakref.WeakSet()
+
+
+def _report_truncation(tokenizer, prompts):
+    """Log once per tokenizer how many tokens the longest over-long prompt of the first such batch loses."""
+    if tokenizer in _TRUNCATION_REPORTED:
+        return
+    limit = tokenizer.model_max_length
+    # verbose=False: no transformers warning of its own about the length (it would come with no count).
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    over = [(n - limit, prompt) for n, prompt in zip(lengths, prompts) if n > limit]
+    if not over:
+        return
+    _TRUNCATION_REPORTED.add(tokenizer)
+    dropped, prompt = max(over, key=lambda item: item[0])
+    shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    logger.warning(
+        "Prompt %r is %d tokens long, over the text encoder's limit of %d (start and end tokens included): "
+        "its last %d tokens are dropped (%d prompt(s) of this batch are truncated). Later over-long prompts "
+        "are truncated the same way without another warning.",
+        shown,
+        dropped + limit,
+        limit,
+        dropped,
+        len(over),
+    )

@@ -1,0 +1,200 @@
+"""Every config key, declared once with what it means: `base()`. Experiments are in config/align_prop.py.
+
+    python scripts/train.py --config config/align_prop.py:tiny --config.train.learning_rate=3e-2
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base():
+    config = ml_collections.ConfigDict()
+
+    # Name of the run folder under `logdir` (default: a timestamp).
+    config.run_name = ""
+    # Folder that holds run folders (config, metrics.jsonl, checkpoints, images).
+    config.logdir = "logs"
+    # Seeds every random stream (noise, truncation, prompts, eval), combined with the process index.
+    config.seed = 42
+    # Precision of the frozen weights and autocast: "no" (fp32), "fp16" or "bf16". LoRA stays fp32.
+    config.mixed_precision = "fp16"
+    # Number of epochs; one epoch is `train.total_samples_per_epoch` samples over all GPUs.
+    config.num_epochs = 200
+    # Save a checkpoint every this many epochs (and at the end).
+    config.save_freq = 1
+    # Evaluate on `eval_prompt_fn` every this many epochs (0: only at the end).
+    config.eval_freq = 1
+    # Keep at most this many checkpoints (oldest removed first).
+    config.num_checkpoint_limit = 5
+    # Resume from a run folder or a checkpoint folder ("" starts fresh).
+    config.resume_from = ""
+    # Reward to maximize: a name, or a weighted sum "name:weight,name:weight" (alignprop/rewards/__init__.py).
+    config.reward_fn = "aesthetic"
+    # Training prompt set (registry name, or "from_file:PATH" with one prompt per line; alignprop/prompts.py).
+    config.prompt_fn = "simple_animals"
+    # Evaluation prompt set (unseen prompts).
+    config.eval_prompt_fn = "eval_simple_animals"
+    # Experiment trackers: "none", "wandb" or "tensorboard" (metrics.jsonl is always written).
+    config.log_with = "none"
+    # wandb/tensorboard project name.
+    config.project_name = "alignprop"
+    # Save (and send to the trackers) a grid of training samples every this many optimizer steps (0: never).
+    config.log_image_freq = 10
+
+    config.model = model = ml_collections.ConfigDict()
+    # Model family (alignprop/families): "sd" (Stable Diffusion 1.x and 2.x).
+    model.family = "sd"
+    # Where the weights come from: a hub id, a local diffusers folder, a single .safetensors/.ckpt file,
+    # "tiny[:variant]" (tiny random models, offline; sd: tiny:sd1, tiny:sd2 (v-prediction), tiny:sd2-base) or
+    # "random:<size>" (the full-size architecture with seeded random weights, nothing downloaded: the compute
+    # and memory of the real run; sd: random:sd15, random:sd21, random:sd2-base).
+    # (SD 1.5: runwayml/stable-diffusion-v1-5 was taken down in 2024; this is the mirror diffusers documents.)
+    model.source = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    # Hub revision (branch, tag or commit) of the model.
+    model.revision = "main"
+    # What the denoiser predicts, "epsilon" or "v_prediction"; unset: the checkpoint's scheduler config says.
+    model.prediction_type = config_dict.placeholder(str)
+
+    config.sample = sample = ml_collections.ConfigDict()
+    # DDIM steps of every rollout (T).
+    sample.num_steps = 50
+    # Classifier-free guidance weight (<= 1 disables guidance).
+    sample.guidance_scale = 7.5
+    # Guidance rescale (Lin et al. 2023, arXiv 2305.08891): 0 is plain CFG; ~0.7 for v-prediction models.
+    sample.guidance_rescale = 0.0
+    # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.
+    sample.eta = 0.0
+    # Image size in pixels (default: the model's native size, 512 for SD 1.5). A multiple of the VAE factor.
+    sample.height = config_dict.placeholder(int)
+    sample.width = config_dict.placeholder(int)
+    # Batch size per GPU of evaluation rollouts (no gradients, so larger than training).
+    sample.eval_batch_size = 8
+    # Number of evaluation images (prompts cycled in order, fixed initial noise).
+    sample.num_eval_samples = 16
+    # Show a progress bar over the DDIM steps of every rollout (main process only).
+    sample.progress_bar = False
+
+    config.train = train = ml_collections.ConfigDict()
+    # Samples per GPU in one forward/backward (what fits in memory). Per GPU!
+    train.batch_size_per_gpu = 4
+    # Samples per optimizer step over all GPUs; accumulation = total / (per GPU x processes).
+    train.total_batch_size = 128
+    # Samples per epoch over all GPUs; a multiple of total_batch_size.
+    train.total_samples_per_epoch = 256
+    # AdamW.
+    train.learning_rate = 1e-3
+    train.adam_beta1 = 0.9
+    train.adam_beta2 = 0.999
+    train.adam_weight_decay = 0.1
+    train.adam_epsilon = 1e-8
+    # 8-bit AdamW from bitsandbytes (must be installed).
+    train.use_8bit_adam = False
+    # Clip the global gradient norm to this value.
+    train.max_grad_norm = 5.0
+    # Loss = loss_coeff x (−mean reward, or |reward − reward.target|).
+    train.loss_coeff = 0.01
+    # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
+    # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
+    train.truncation = "uniform"
+    # K for "fixed": gradients through the last K UNet calls.
+    train.k = 1
+    # Bounds of K for "uniform" and "gaussian" (1 <= k_min <= k_max <= sample.num_steps).
+    train.k_min = 1
+    train.k_max = 50
+    # Cut point distribution for "gaussian" (step index from which gradients flow).
+    train.cut_mean = 42.0
+    train.cut_std = 5.0
+    # Stop after this many consecutive optimizer steps with a non-finite loss or gradient.
+    train.max_nonfinite_steps = 5
+
+    config.speed = speed = ml_collections.ConfigDict()
+    # What makes a step fast or light (alignprop/speed.py; measured in BENCHMARKS.md). None of it changes
+    # what is computed.
+    # Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster, slightly less precise).
+    speed.tf32 = True
+    # torch.compile the denoiser (steps with and without gradients, forward and backward) and the VAE
+    # decoder. The first step compiles (about 4-5 minutes at SD 1.5 size), then a step is ~1.6x faster and
+    # lighter. Skipped on the CPU.
+    speed.compile = True
+    # Recompute each grad step's denoiser call in backward instead of storing its activations...
+    speed.checkpoint_grad_steps = True
+    # ...except the last this many grad steps (one forward less per step, one call's activations more).
+    speed.uncheckpointed_steps = 1
+    # Also checkpoint inside the denoiser's blocks (diffusers' own): peak memory independent of the grad
+    # steps' activations (15.5 -> 7.5 GiB at batch 4 on an H100, eager), one more forward per grad step.
+    speed.checkpoint_blocks = True
+    # Decode latents in chunks of this many images (0: all at once), each chunk recomputed in backward if...
+    speed.decode_chunk = 1
+    # ...the VAE decoder is checkpointed (its activations are the largest memory item).
+    speed.checkpoint_decode = True
+    # Recompute the reward model in backward instead of storing its activations.
+    speed.checkpoint_reward = False
+
+    config.lora = lora = ml_collections.ConfigDict()
+    # LoRA rank and alpha (scale = alpha / rank).
+    lora.rank = 4
+    lora.alpha = 4.0
+    # Modules that get LoRA (peft target_modules); unset: the family's (for sd the paper's to_q/to_k/to_v/
+    # to_out.0 of every attention block).
+    lora.targets = config_dict.placeholder(tuple)
+
+    config.reward = reward = ml_collections.ConfigDict()
+    # If set, loss is |reward − target| instead of −reward.
+    reward.target = config_dict.placeholder(float)
+    reward.aesthetic = aesthetic = ml_collections.ConfigDict()
+    # CLIP image tower: hub id, local folder, "tiny" (tiny random tower and MLP), or "random" (CLIP ViT-L/14's
+    # architecture and the MLP with seeded random weights; nothing downloaded).
+    aesthetic.clip_model = "openai/clip-vit-large-patch14"
+    # Hub repo and file of the LAION MLP (sac+logos+ava1-l14-linearMSE).
+    aesthetic.mlp_repo = "trl-lib/ddpo-aesthetic-predictor"
+    aesthetic.mlp_file = "aesthetic-model.pth"
+    # Local path of the MLP weights; overrides the hub download.
+    aesthetic.mlp_path = config_dict.placeholder(str)
+
+    reward.hps = hps = ml_collections.ConfigDict()
+    # open_clip architecture of HPSv2 ("ViT-H-14"), or "tiny" (random tiny model, offline).
+    hps.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2 checkpoint (a dict with a `state_dict` key).
+    hps.repo = "xswu/HPSv2"
+    hps.file = "HPS_v2_compressed.pt"
+    # Local path of the checkpoint; overrides the hub download. "random": seeded random weights, nothing read.
+    hps.path = config_dict.placeholder(str)
+    reward.hps_v21 = hps_v21 = ml_collections.ConfigDict()
+    # HPSv2.1: same architecture, retrained weights; keys as in `reward.hps`.
+    hps_v21.model = "ViT-H-14"
+    # Hub repo and file of the HPSv2.1 checkpoint.
+    hps_v21.repo = "xswu/HPSv2"
+    hps_v21.file = "HPS_v2.1_compressed.pt"
+    # Local path of the checkpoint ("random": seeded random weights); overrides the hub download.
+    hps_v21.path = config_dict.placeholder(str)
+
+    reward.pickscore = pickscore = ml_collections.ConfigDict()
+    # PickScore CLIP ViT-H/14 (transformers CLIPModel): hub id, local folder, or "tiny".
+    pickscore.model = "yuvalkirstain/PickScore_v1"
+    # Processor (tokenizer + normalization) of PickScore: hub id or local folder.
+    pickscore.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    reward.clipscore = clipscore = ml_collections.ConfigDict()
+    # CLIP (transformers CLIPModel) whose image-text cosine is the reward: hub id, local folder, or "tiny".
+    clipscore.model = "openai/clip-vit-large-patch14"
+    # Processor (tokenizer + normalization): hub id or local folder; unset means the model's own.
+    clipscore.processor = config_dict.placeholder(str)
+
+    reward.compressibility = compressibility = ml_collections.ConfigDict()
+    # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
+    # (used by both `compressibility` and `incompressibility`).
+    compressibility.quality = 95
+
+    reward.object_count = object_count = ml_collections.ConfigDict()
+    # Open-vocabulary detector (OWL-ViT or OWLv2 in transformers): hub id, local folder, or "tiny".
+    object_count.model = "google/owlvit-base-patch32"
+    # Processor (tokenizer + normalization) of the detector: hub id or local folder; unset means the model's own.
+    object_count.processor = config_dict.placeholder(str)
+    # Text query of the detector; "{}" is replaced by the metadata's `object`.
+    object_count.query = "a photo of a {}"
+    # A box counts when its probability exceeds this (0.1: the usual OWL-ViT post-processing threshold).
+    object_count.threshold = 0.1
+    # Softness of the count in logit units: sigmoid((logit − logit(threshold)) / temperature) per box.
+    object_count.temperature = 0.25
+
+    return config

@@ -1,0 +1,202 @@
+"""The speed layer computes the same numbers: merged LoRA, the checkpoint plan, chunked decoding, torch.compile."""
+
+import pytest
+import torch
+
+from alignprop import kernels, speed
+from alignprop.rollout import Rollout, SampleSpec, grad_suffix
+from alignprop.speed import Prepared
+from helpers import config, fixed_reward, lora_grads
+
+STEPS = 4
+PROMPTS = ["a photo of a cat", "an owl"]
+
+
+def run(components, sd, k, prepared):
+    """Images and LoRA gradients of one rollout with fixed K through `prepared`."""
+    rollout = Rollout(sd, components, SampleSpec(STEPS, 7.5), prepared, prepared.denoiser)
+    latents = rollout.initial_latents(2, torch.Generator().manual_seed(0))
+    images = rollout(rollout.encode(PROMPTS), latents, grad_suffix(STEPS, k))
+    return images.detach(), lora_grads(components.denoiser, fixed_reward(images).sum())
+
+
+def compiling():
+    """The speed settings of the real experiments (compile on; the tiny config turns it off)."""
+    return config(overrides={"speed.compile": True}).speed
+
+
+def plain(components, **options):
+    return Prepared(components.denoiser, components.vae, **options)
+
+
+def assert_same(a, b, rtol=1e-4):
+    """Same images and gradients up to float32 round-off: the merged weight W + s·B·A and peft's x·Aᵀ·Bᵀ,
+    recomputation and compiled graphs sum in other orders, so each gradient entry may differ by 1e-4 of its
+    tensor's largest entry (entries near zero have no meaningful relative error)."""
+    (images_a, grads_a), (images_b, grads_b) = a, b
+    torch.testing.assert_close(images_a, images_b, rtol=rtol, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    assert sum(g.abs().sum() for g in grads_a.values()) > 0
+    for name in grads_a:
+        atol = max(1e-6, 1e-4 * grads_b[name].abs().max().item())
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("k", [1, STEPS])
+def test_merged_lora_equals_peft_forward(lora_components, sd, k):
+    reference = run(lora_components, sd, k, plain(lora_components, checkpoint_grad_steps=False))
+    assert kernels.merge_lora_forward(lora_components.denoiser) > 0
+    assert_same(run(lora_components, sd, k, plain(lora_components, checkpoint_grad_steps=False)), reference)
+    assert_same(run(lora_components, sd, k, plain(lora_components, checkpoint_grad_steps=True)), reference)
+
+
+def test_merged_lora_keeps_peft_state_and_unmerges_exactly(lora_components):
+    from peft.utils import get_peft_model_state_dict
+
+    unet = lora_components.denoiser
+    before = {n: p.clone() for n, p in unet.state_dict().items()}
+    keys = set(get_peft_model_state_dict(unet))
+    kernels.merge_lora_forward(unet)
+    assert set(get_peft_model_state_dict(unet)) == keys  # saving is unaffected
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    kernels.unmerge_lora_forward(unet)
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_merge_skips_models_without_the_training_adapter(components):
+    """The soup's named adapters (lora_a, lora_b) keep peft's forward, which mixes them by weight."""
+    from alignprop.lora import add_lora
+    from peft import LoraConfig
+
+    components.denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="lora_a")
+    assert kernels.merge_lora_forward(components.denoiser) == 0
+    add_lora(components.denoiser, 2, 2.0, ["to_k"])
+    assert kernels.merge_lora_forward(components.denoiser) > 0
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_block_checkpointing_alone_and_nested(lora_components, sd, merged):
+    reference = run(lora_components, sd, 2, plain(lora_components, checkpoint_grad_steps=False))
+    if merged:
+        kernels.merge_lora_forward(lora_components.denoiser)
+    lora_components.denoiser.enable_gradient_checkpointing()
+    assert_same(run(lora_components, sd, 2, plain(lora_components, checkpoint_grad_steps=False)), reference)
+    # nested in the whole-call checkpoint
+    assert_same(run(lora_components, sd, 2, plain(lora_components, checkpoint_grad_steps=True)), reference)
+
+
+def test_the_default_plan_gives_the_reference_gradient(lora_components, sd):
+    """`speed.prepare` with the config's defaults (merged LoRA, block and call checkpointing but the last
+    step, the decoder per image and checkpointed; compile skipped on the CPU) against plain autograd."""
+    reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False))
+    prepared = speed.prepare(lora_components, config().speed)
+    assert (prepared.compiled, prepared.uncheckpointed_steps, prepared.decode_chunk) == (False, 1, 1)
+    assert prepared.checkpoint_decode and lora_components.denoiser.is_gradient_checkpointing
+    assert_same(run(lora_components, sd, 3, prepared), reference)
+
+
+@pytest.mark.parametrize("chunk,checkpoint", [(1, False), (1, True), (2, True)])
+def test_chunked_checkpointed_decode(components, chunk, checkpoint):
+    latents = torch.randn(3, 4, 16, 16, requires_grad=True)
+    whole = plain(components).decode(latents) / 2 + 0.5  # compared in [0, 1], as the rollout returns them
+    (grad_whole,) = torch.autograd.grad(fixed_reward(whole).sum(), latents)
+    ours = plain(components, decode_chunk=chunk, checkpoint_decode=checkpoint).decode(latents) / 2 + 0.5
+    (grad_ours,) = torch.autograd.grad(fixed_reward(ours).sum(), latents)
+    torch.testing.assert_close(ours, whole, rtol=1e-5, atol=1e-6)
+    # Convolutions at batch 1 vs 3 pick different kernels/summation orders: float32 round-off, relative
+    # to the gradient's scale (max |grad| ~ 1e-2 here), not to each element.
+    torch.testing.assert_close(grad_ours, grad_whole, rtol=1e-4, atol=1e-5 * grad_whole.abs().max().item())
+
+
+def test_checkpointed_reward_gives_the_same_gradient():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+
+    def reward_fn(images, prompts, metadata):
+        return (images.sin() ** 2).flatten(1).sum(1), {"n": torch.ones(2)}, {}
+
+    cfg = config().speed
+    cfg.checkpoint_reward = True
+    rewards, components, _ = speed.reward_call(reward_fn, cfg)(x, ["a", "b"], [{}, {}])
+    (g,) = torch.autograd.grad(rewards.sum(), x)
+    (g_ref,) = torch.autograd.grad(reward_fn(x, None, None)[0].sum(), x)
+    torch.testing.assert_close(g, g_ref)
+    assert torch.equal(components["n"], torch.ones(2))
+
+
+@pytest.mark.parametrize("backend,compiled", [("inductor", False), ("aot_eager", True)])
+def test_compile_switch(components, backend, compiled):
+    """Inductor is skipped on the CPU; otherwise the denoiser (every call) and the VAE decoder are compiled in place."""
+    import torch._dynamo
+
+    try:
+        prepared = speed.prepare(components, compiling(), backend=backend)
+        assert prepared.compiled == compiled
+        assert (components.denoiser._compiled_call_impl is not None) == compiled
+        assert (components.vae.decoder._compiled_call_impl is not None) == compiled
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_shapes_are_static(components):
+    """A second batch size (evaluation's) gets its own static graph: torch.compile's default would
+    recompile the first one shape-generic (symbolic sizes), slower for the training batch too."""
+    import torch._dynamo
+
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        symbolic = any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
+            isinstance(s, torch.SymInt) for s in x.shape)) for x in example_inputs)
+        graphs.append(symbolic)
+        return gm.forward
+
+    try:
+        speed.prepare(components, compiling(), backend=recording_backend)
+        channels = components.vae.config.latent_channels
+        with torch.no_grad():
+            for batch in (1, 2, 1):
+                components.vae.decoder(torch.randn(batch, channels, 8, 8))
+        assert graphs == [False, False]  # one static graph per batch size, the first one reused
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_rollout_gives_the_same_gradient(lora_components, sd):
+    """torch.compile of the denoiser (every call, grad and no-grad) and of the VAE decoder, through the
+    default plan (merged LoRA, checkpointing as in training).
+
+    The "aot_eager" backend traces the graphs that inductor would compile (Dynamo capture, AOTAutograd's
+    joint forward/backward and partition) without generating kernels, so this runs in seconds on a CPU;
+    inductor's own kernels are compared against eager on the GPU by `scripts/benchmark.py --compare-eager`.
+    """
+    import torch._dynamo
+
+    reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False))  # before compiling
+    torch._dynamo.reset()
+    try:
+        prepared = speed.prepare(lora_components, compiling(), backend="aot_eager")
+        assert prepared.compiled
+        ours = run(lora_components, sd, 3, prepared)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 3, "the denoiser (with and without grad) and the decoder should each have been captured"
+    assert_same(ours, reference, rtol=2e-4)
+
+
+def test_precision_the_hardware_lacks(monkeypatch):
+    from alignprop.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config.mixed_precision='fp16' needs a CUDA GPU"):
+        speed.check_precision("fp16", torch.device("cpu"))
+    speed.check_precision("bf16", torch.device("cpu"))
+    speed.check_precision("no", torch.device("cpu"))
+    # The GPU branch, without a GPU: a card that has no bf16 (pre-Ampere) and one that has it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(ConfigError, match=r"config.mixed_precision='bf16': this GPU has no bf16"):
+        speed.check_precision("bf16", torch.device("cuda", 0))
+    speed.check_precision("fp16", torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    speed.check_precision("bf16", torch.device("cuda", 0))
