@@ -44,12 +44,12 @@ class Rollout:
         family.check_size(components, self.height, self.width)
         self.latent_shape = family.latent_shape(components, self.height, self.width)
         self.schedule = family.schedule(components, spec, self.device)
-        self.negative = family.negative(components)  # batch 1, computed once
+        self.negative = family.negative(components, (self.height, self.width))  # batch 1, computed once
         self.progress = progress
 
     def encode(self, prompts):
         """The denoiser's conditioning of `prompts` (no gradients)."""
-        return self.family.encode(self.components, prompts)
+        return self.family.encode(self.components, prompts, (self.height, self.width))
 
     def initial_latents(self, batch, generator):
         return self.family.initial_latents(self.components, batch, self.latent_shape, generator, self.device)
@@ -82,7 +82,7 @@ class Rollout:
         )
         if bar:
             bar.close()
-        images = self.prepared.decode(self.family.vae_input(self.components, latents))
+        images = self.prepared.decode(self.family.vae_input(self.components, latents, (self.height, self.width)))
         return (images / 2 + 0.5).clamp(0, 1)  # the one place where the VAE's [-1, 1] becomes [0, 1]
 
     def _progress_bar(self):

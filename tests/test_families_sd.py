@@ -131,7 +131,7 @@ def test_encode_is_the_pipelines_encoding(components, sd):
     ours = sd.encode(components, ["a cat", "an owl"])["encoder_hidden_states"]
     theirs, negative = pipe.encode_prompt(["a cat", "an owl"], "cpu", 1, True)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    torch.testing.assert_close(sd.negative(components)["encoder_hidden_states"].expand_as(negative), negative,
+    torch.testing.assert_close(sd.negative(components, (32, 32))["encoder_hidden_states"].expand_as(negative), negative,
                                rtol=0, atol=0)
     assert token_ids(components.tokenizers[0], ["a cat"], "cpu").shape == (1, 77)
 

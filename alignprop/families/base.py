@@ -143,13 +143,14 @@ class Family:
         return latents.to(device) * getattr(components.scheduler, "init_noise_sigma", 1.0)
 
     # ---- prompts, denoising, decoding ----
-    def encode(self, components, prompts):
-        """Prompt strings -> the conditioning dict the denoiser call takes (batch first; no gradients)."""
+    def encode(self, components, prompts, size):
+        """Prompt strings -> the conditioning dict the denoiser call takes (batch first; no gradients). `size`:
+        the image's (height, width) in pixels, for families whose conditioning depends on it (SDXL's time ids)."""
         raise NotImplementedError
 
-    def negative(self, components):
+    def negative(self, components, size):
         """The unconditional conditioning of classifier-free guidance, batch 1 (None: no CFG in this family)."""
-        return self.encode(components, [""])
+        return self.encode(components, [""], size)
 
     def denoiser_call(self, denoiser, latents, timestep, cond):
         """One call of the denoiser on a batch: its raw prediction."""
@@ -158,8 +159,9 @@ class Family:
     def schedule(self, components, spec, device):
         raise NotImplementedError
 
-    def vae_input(self, components, latents):
-        """Latents -> what the VAE decoder takes: unscaled (and shifted) by the VAE's own config values."""
+    def vae_input(self, components, latents, size=None):
+        """Latents -> what the VAE decoder takes: unscaled (and shifted) by the VAE's own config values. `size`:
+        (height, width) in pixels, for families whose latents are packed."""
         vae = components.vae
         latents = latents / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)

@@ -138,7 +138,7 @@ class StableDiffusion(Family):
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return Components(pipe.unet, pipe.vae, scheduler, (pipe.text_encoder,), (pipe.tokenizer,))
 
-    def encode(self, components, prompts):
+    def encode(self, components, prompts, size=None):
         """Prompts -> {"encoder_hidden_states": CLIP last hidden states [B, 77, D]}, as the pipeline encodes them."""
         (text_encoder,), (tokenizer,) = components.text_encoders, components.tokenizers
         ids = token_ids(tokenizer, prompts, text_encoder.device)
