@@ -38,17 +38,77 @@ def list_checkpoints(run_dir):
     return [path for _, path in sorted(found)]
 
 
+# Keys a resumed run cannot change: the checkpoint's LoRA has their shapes, and was trained on that model.
+FROZEN_ON_RESUME = ("model.family", "model.source", "model.revision", "model.prediction_type", "lora.rank",
+                    "lora.alpha", "lora.targets")
+
+
 def problems(config):
-    """`config.resume_from` must name a complete checkpoint, or a run folder that holds one."""
+    """`config.resume_from` must name a complete, readable checkpoint (or a run folder that holds one), and the
+    config may not change what the checkpoint's LoRA depends on; all checked before any model loads."""
     if not config.resume_from:
         return []
     if not os.path.exists(config.resume_from):
         return [f"config.resume_from={config.resume_from!r}: no such run or checkpoint folder"]
     try:
-        resolve_resume(config.resume_from)
+        path = resolve_resume(config.resume_from)
     except FileNotFoundError as e:
         return [f"{e} Give a checkpoint_N folder or a run folder that holds one, or '' to start afresh."]
-    return []
+    out = []
+    damaged = [(name, why) for name in sorted(os.listdir(path)) if (why := file_problem(os.path.join(path, name)))]
+    if damaged:
+        earlier = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if c != os.path.abspath(path)]
+        offer = (f" The previous complete checkpoint is {earlier[-1]!r}: resume with --config.resume_from={earlier[-1]}."
+                 if earlier else " The run has no earlier checkpoint.")
+        out.append(f"config.resume_from={config.resume_from!r}: {os.path.basename(path)} is damaged: "
+                   + "; ".join(f"{name} {why}" for name, why in damaged) + "." + offer)
+    record = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if os.path.isfile(record):
+        with open(record) as f:
+            saved = json.load(f).get("config", {})
+        for key in FROZEN_ON_RESUME:
+            then, now = _lookup(saved, key), json.loads(json.dumps(_lookup(config, key)))
+            if then != now:
+                out.append(f"config.{key}={now!r}: the run being resumed ({record}) has {key}={then!r}, and its "
+                           f"checkpoints' LoRA depends on it; resume with the run's value, or start a new run")
+    return out
+
+
+def _lookup(tree, key):
+    for part in key.split("."):
+        tree = tree.get(part) if hasattr(tree, "get") else None
+    return list(tree) if isinstance(tree, tuple) else tree
+
+
+def file_problem(path):
+    """Why a checkpoint file cannot be read (truncated, corrupt), or None; reads formats without running them."""
+    import pickletools
+    import zipfile
+
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    try:
+        if path.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                header_size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_size + end != size:
+                return f"({size} bytes) is truncated: its header describes {8 + header_size + end} bytes"
+        elif path.endswith((".bin", ".pt", ".pth")):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad:
+                return f"({size} bytes) is corrupt (its member {bad} fails its checksum)"
+        elif path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                for _ in pickletools.genops(f):
+                    pass
+        elif path.endswith(".json"):
+            with open(path) as f:
+                json.load(f)
+    except Exception as e:  # zip, pickle and json readers raise many types for a damaged file
+        return f"({size} bytes) cannot be read: it is truncated or corrupt ({type(e).__name__}: {e})"
+    return None
 
 
 def resolve_resume(path):
@@ -61,6 +121,11 @@ def resolve_resume(path):
     if not found:
         raise FileNotFoundError(f"config.resume_from={path!r} holds no complete checkpoint_N folder.")
     return found[-1]
+
+
+def step_of(checkpoint):
+    """N of a `checkpoint_N` folder."""
+    return int(CHECKPOINT_RE.match(os.path.basename(os.path.normpath(checkpoint))).group(1))
 
 
 def checkpoint_path(run_dir, step):

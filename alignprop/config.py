@@ -197,10 +197,10 @@ def sampling_problems(config):
 def problems(config, num_processes=1):
     """Every problem of `config`, each as `config.<key>=<value>: <what is valid>`; empty if none. Reads no
     file (the prompt sets are read by `check`)."""
-    from alignprop import checkpoints, plan, prompts, rewards, speed, tracking, training, truncation
+    from alignprop import checkpoints, plan, prompts, rewards, runs, speed, tracking, training, truncation
 
     out = sampling_problems(config)
-    for owner in (rewards, prompts, truncation, speed, training, checkpoints, tracking):
+    for owner in (rewards, prompts, truncation, speed, training, checkpoints, runs, tracking):
         out.extend(owner.problems(config))
     if config.log_with not in LOG_WITH:
         out.append(f"config.log_with={config.log_with!r}: must be one of {', '.join(LOG_WITH)}")

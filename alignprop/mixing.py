@@ -9,6 +9,7 @@ c²·ΔW and cross terms B₁A₂, B₂A₁ between two LoRAs instead (REFERENCE
 """
 
 import math
+import os
 
 import torch
 
@@ -27,6 +28,8 @@ def parse_lora_spec(spec):
     try:
         weight = float(weight_text)
     except ValueError:
+        if path and os.path.exists(path) and not os.path.exists(spec):
+            raise ConfigError(f"--lora={spec!r}: the weight {weight_text!r} must be a number (e.g. '{path}:0.5').") from None
         return spec, 1.0  # a colon inside the path, no weight
     if not math.isfinite(weight):
         raise ConfigError(f"--lora={spec!r}: the weight {weight_text!r} must be a finite number (e.g. '{path}:0.5').")

@@ -1,6 +1,5 @@
-"""The run folder: resolved config, metrics.jsonl, image grids, reward plot; and external trackers."""
+"""What a run shows: image grids, the reward plot, and the external trackers (wandb, tensorboard)."""
 
-import contextlib
 import json
 import math
 import os
@@ -8,95 +7,44 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from alignprop.errors import UserError
+from alignprop.errors import UserError, library_message
 
 
-class RunFolderError(UserError, OSError):
-    """The run folder cannot be created or written (permissions, a file in the way, disk full); names the path."""
+def wandb_problem(config):
+    """Why wandb cannot log this run (no API key, and not offline), or None: checked before any model loads."""
+    if config.log_with != "wandb" or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return None
+    if os.environ.get("WANDB_API_KEY"):
+        return None
+    import netrc
 
-
-@contextlib.contextmanager
-def _writing(path, what):
-    """Turn an OSError while writing `path` into a RunFolderError that names the path and the config keys."""
     try:
-        yield
-    except OSError as e:
-        where = f" (at {e.filename!r})" if e.filename and e.filename != path else ""
-        raise RunFolderError(
-            f"Cannot write {what} {path!r}{where}: {e.strerror or e}. The run folder is config.logdir/config.run_name "
-            f"(or the folder of config.resume_from); point config.logdir at a writable folder with free space."
-        ) from e
-
-
-def unwritable(path):
-    """Why a folder cannot be made or written at `path`, or None. Creates nothing (the run folder does, later)."""
-    existing = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing!r} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing!r} is not writable by this user"
-    return None
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return ("config.log_with='wandb': no wandb API key on this machine (WANDB_API_KEY, or `wandb login`); to log "
+            "without an account set WANDB_MODE=offline (files in the run folder, `wandb sync` them later)")
 
 
 def problems(config):
-    """The run folder must be creatable and writable: under `config.logdir`, or the resumed run's own folder."""
-    from alignprop import checkpoints
-
-    if config.resume_from:
-        try:
-            run_dir = os.path.dirname(os.path.abspath(checkpoints.resolve_resume(config.resume_from)))
-        except FileNotFoundError:
-            return []  # reported by checkpoints.problems
-        why = unwritable(run_dir)
-        return (
-            [f"config.resume_from={config.resume_from!r}: a resumed run writes to its own folder, but {why}"]
-            if why
-            else []
-        )
-    why = unwritable(config.logdir)
-    if why:
-        return [
-            f"config.logdir={config.logdir!r}: run folders cannot be created there: {why}; set it to a writable folder"
-        ]
-    return []
+    problem = wandb_problem(config)
+    return [problem] if problem else []
 
 
-class RunFolder:
-    """`logdir/run_name/` with config.json, metrics.jsonl, images/ and checkpoints; written by one process."""
+def init_trackers(accelerator, config, run_dir):
+    """Start the config's trackers; their own failures (network, account) as one message."""
+    # wandb honours WANDB_MODE=offline/disabled; its files go to the run folder unless WANDB_DIR is set.
+    os.environ.setdefault("WANDB_DIR", run_dir)
+    try:
+        accelerator.init_trackers(config.project_name, config=flat_config(config))
+    except Exception as e:  # wandb and tensorboard raise many types (network, auth, permissions)
+        raise TrackerError(f"config.log_with={config.log_with!r} could not start: {library_message(e)}\n"
+                           f"For wandb without network use WANDB_MODE=offline; or --config.log_with=none.") from e
 
-    def __init__(self, path):
-        self.path = path
-        self.metrics_path = os.path.join(path, "metrics.jsonl")
 
-    def create(self):
-        # Fail now, not after hours of training, if the folder cannot be written.
-        with _writing(self.path, "the run folder"):
-            os.makedirs(os.path.join(self.path, "images"), exist_ok=True)
-            probe = os.path.join(self.path, ".write_test")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-
-    def write_config(self, config, plan=None):
-        data = {"config": json.loads(config.to_json_best_effort()), "batch_plan": plan and vars(plan)}
-        path = os.path.join(self.path, "config.json")
-        with _writing(path, "the run's config"), open(path, "w") as f:
-            json.dump(data, f, indent=2)
-
-    def log(self, record):
-        with _writing(self.metrics_path, "the metrics file"), open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def read_metrics(self):
-        if not os.path.exists(self.metrics_path):
-            return []
-        with open(self.metrics_path) as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    def image_path(self, name):
-        return os.path.join(self.path, "images", name)
+class TrackerError(UserError, RuntimeError):
+    """An experiment tracker (wandb, tensorboard) could not start."""
 
 
 def to_pil(image):

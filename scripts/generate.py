@@ -55,10 +55,13 @@ def read_prompts(args):
 
 def check(args, config):
     """Every flag and config mistake, reported before any model loads."""
+    from alignprop import families
+
     configs.check_sampling(config)
+    family, _ = families.resolve(config.model)
     loras = [mixing.parse_lora_spec(spec) for spec in args.lora]
     for path, _ in loras:
-        mixing.lora.lora_file(path)
+        mixing.lora.read_lora(family, path)  # readable, and a LoRA of this family, before any model loads
     texts = read_prompts(args)
     if not texts and not args.fuse:
         raise configs.ConfigError(

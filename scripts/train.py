@@ -5,7 +5,6 @@
     python scripts/train.py --help                                      # the experiments
 """
 
-import datetime
 import json
 import logging
 import os
@@ -13,26 +12,66 @@ import sys
 
 from tqdm.auto import tqdm
 
-from alignprop import checkpoints, config as configs, families, lora, rewards, speed, training
+from alignprop import checkpoints, config as configs, families, launch, lora, rewards, runs, speed, training
 from alignprop.errors import UserError
 from alignprop.evaluation import eval_items, evaluate, reward_columns, summarize
 from alignprop.interrupt import StopRequest
-from alignprop.tracking import RunFolder, captions, flat_config, image_grid, log_images, plot_rewards
+from alignprop.runs import RunFolder
+from alignprop.tracking import captions, image_grid, init_trackers, log_images, plot_rewards
 
 logger = logging.getLogger("alignprop.train")
 
 
-def run_folder_path(config):
-    """Resumed runs continue in their own folder; new runs get `logdir/run_name` (timestamp by default)."""
+def open_run(config, settings, state, spec=None, argv=None):
+    """The run folder (a new one, or the resumed run's), claimed by the main process, with its record.
+
+    A new run writes config.json (the config, the batch plan, what makes it reproducible); a resume writes
+    config.resume_<step>.json and an evaluation of a checkpoint config.eval_<step>.json, with what changed.
+    Returns (RunFolder, checkpoint to resume from or None).
+    """
     from accelerate.utils import broadcast_object_list
 
-    if config.resume_from:
-        checkpoint = checkpoints.resolve_resume(config.resume_from)
-        return os.path.dirname(os.path.abspath(checkpoint)), checkpoint
-    name = config.run_name or datetime.datetime.now().strftime("%Y.%m.%d_%H.%M.%S")
-    path = [os.path.join(config.logdir, name)]
-    broadcast_object_list(path)  # one name on every rank, whatever each one's clock says
-    return path[0], None
+    checkpoint = checkpoints.resolve_resume(config.resume_from) if config.resume_from else None
+    found = [None]
+    if state.is_main_process:
+        try:
+            run = RunFolder(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint else RunFolder.new(
+                config.logdir, config.run_name)
+            run.claim()
+            found = [run.path]
+        except UserError as e:
+            found = [e]
+    broadcast_object_list(found)  # one folder on every rank, whatever each one's clock says
+    if isinstance(found[0], Exception):
+        raise found[0]
+    if not state.is_main_process:
+        return RunFolder(found[0]), checkpoint
+    run.create()
+    record = {"config": json.loads(config.to_json_best_effort()), "batch_plan": vars(settings.plan),
+              "run": runs.provenance(spec, argv)}
+    if checkpoint:
+        step = checkpoints.step_of(checkpoint)
+        saved = (run.read_record() or {}).get("config", {})
+        record["resumed_from" if config.num_epochs else "evaluated"] = checkpoint
+        record["changes"] = changed_keys(saved, record["config"])
+        run.write_json(f"config.{'resume' if config.num_epochs else 'eval'}_{step}.json", record)
+    else:
+        run.write_json(runs.RECORD, record)
+    logger.info("run folder: %s", run.path)
+    logger.info(settings.plan.describe())
+    return run, checkpoint
+
+
+def changed_keys(before, after, prefix=""):
+    """{dotted key: [before, after]} of the values that differ between two config dicts (as in config.json)."""
+    out = {}
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[prefix + key] = [a, b]
+    return out
 
 
 def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards, per_reward):
@@ -53,31 +92,35 @@ def save_eval(run, accelerator, name, step, images, eval_prompts, eval_rewards, 
     return grid
 
 
-def train(config):
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
-
-    state = PartialState()
+def train(config, spec=None, argv=None):
+    """Train (or, with num_epochs=0, evaluate) as the config says; the run folder is this run's alone."""
+    state = launch.process_state()
     settings = configs.check(config, state.num_processes)  # every check before any model is loaded
     speed.check_precision(config.mixed_precision, state.device)
-    plan = settings.plan
-    run_dir, resume_checkpoint = run_folder_path(config)
+    run, resume_checkpoint = open_run(config, settings, state, spec, argv)
+    try:
+        run_training(config, settings, run, resume_checkpoint)
+    except BaseException:
+        if state.is_main_process and not resume_checkpoint and run.remove_if_unused():
+            logger.info("removed the run folder %s: the run stopped before writing anything of its own", run.path)
+        raise
+    finally:
+        run.release()
+
+
+def run_training(config, settings, run, resume_checkpoint):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    plan, run_dir = settings.plan, run.path
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=plan.accumulation_steps,
         log_with=None if config.log_with == "none" else config.log_with,
         project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),
     )
-    run = RunFolder(run_dir)
-    if accelerator.is_main_process:
-        run.create()
-        run.write_config(config, plan)
-        logger.info("run folder: %s", run_dir)
-        logger.info(plan.describe())
     if config.log_with != "none":
-        # wandb honours WANDB_MODE=offline/disabled; its files go to the run folder unless WANDB_DIR is set.
-        os.environ.setdefault("WANDB_DIR", run_dir)
-        accelerator.init_trackers(config.project_name, config=flat_config(config))
+        init_trackers(accelerator, config, run_dir)
     speed.set_torch_flags(config.speed)
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
@@ -195,12 +238,17 @@ def main(argv):
         if any(arg in ("-h", "--help") for arg in rest):
             print(__doc__ + "\n" + configs.help_text(spec))
             return
-        if rest:
+        checking = rest[:2] if rest[:1] == ["--check"] and len(rest) >= 2 and rest[1].isdigit() else []
+        if rest[len(checking):]:
             raise configs.ConfigError(
-                f"unknown argument(s) {' '.join(rest)}; this script takes --config FILE:EXPERIMENT "
-                f"and --config.KEY=VALUE (see --help)"
+                f"unknown argument(s) {' '.join(rest[len(checking):])}; this script takes --config FILE:EXPERIMENT "
+                f"and --config.KEY=VALUE (see --help), and --check N (check a run on N processes, load nothing)"
             )
-        train(configs.load(spec, overrides))
+        config = configs.load(spec, overrides)
+        if checking:
+            logger.info("config OK: %s", configs.check(config, int(checking[1])).plan.describe())
+            return
+        train(config, spec, sys.argv)
     except UserError as e:  # a bad config value, missing weights, a prompt file, the run folder: say what to fix
         raise SystemExit(str(e)) from None
 

@@ -11,7 +11,9 @@ from alignprop.prompts import PromptError
 from alignprop.rewards import RewardInputError, RewardSpecError
 from alignprop.rewards.aesthetic import AestheticMLP
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
-from alignprop.tracking import RunFolderError
+from alignprop.launch import LaunchError
+from alignprop.runs import RunFolderError
+from alignprop.tracking import TrackerError
 from helpers import run_script
 
 
@@ -20,7 +22,8 @@ from helpers import run_script
     [(ConfigError, ValueError), (BatchPlanError, ValueError), (PromptError, ValueError),
      (RewardSpecError, ValueError), (ModelLoadError, RuntimeError), (WeightsNotFoundError, RuntimeError),
      (BadWeightsError, RuntimeError), (RunFolderError, OSError), (LoRAPathError, FileNotFoundError),
-     (LoRAFileError, ValueError), (RewardInputError, ValueError)],
+     (LoRAFileError, ValueError), (RewardInputError, ValueError), (LaunchError, RuntimeError),
+     (TrackerError, RuntimeError)],
 )
 def test_every_user_error_shares_the_base_and_keeps_its_builtin_type(cls, also):
     assert issubclass(cls, UserError) and issubclass(cls, also)

@@ -81,7 +81,13 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     train(tmp_path, "--config.run_name=part", "--config.num_epochs=2")  # stops after step 4, checkpoint_4
     run_dir = os.path.join(tmp_path, "part")
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
+    record = open(os.path.join(run_dir, "config.json")).read()
     train(tmp_path, f"--config.resume_from={run_dir}")  # the latest complete checkpoint of the run folder
+    # The training record is kept; the resume records itself beside it, with what changed.
+    assert open(os.path.join(run_dir, "config.json")).read() == record
+    resumed_record = json.load(open(os.path.join(run_dir, "config.resume_4.json")))
+    assert resumed_record["changes"] == {"num_epochs": [2, 4], "resume_from": ["", run_dir]}
+    assert resumed_record["resumed_from"] == os.path.join(run_dir, "checkpoint_4")
     resumed, full = records(run_dir), records(tiny_run[0])
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(resumed, full):
@@ -94,7 +100,10 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
 
 def test_eval_only_mode(tiny_run, tmp_path):
     checkpoint = os.path.join(tiny_run[0], "checkpoint_8")
+    record = open(os.path.join(tiny_run[0], "config.json")).read()
     train(tmp_path, "--config.num_epochs=0", f"--config.resume_from={checkpoint}")
+    assert open(os.path.join(tiny_run[0], "config.json")).read() == record  # the training record is kept
+    assert json.load(open(os.path.join(tiny_run[0], "config.eval_8.json")))["evaluated"] == checkpoint
     summary = json.load(open(os.path.join(tiny_run[0], "eval.json")))
     final = json.load(open(os.path.join(tiny_run[0], "eval_final.json")))
     # Same LoRA, same prompts, same noise as the end of training.
@@ -175,6 +184,40 @@ def test_trackers_offline(tmp_path, tracker):
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(tmp_path, "t")) for f in fs]
     marker = "events.out.tfevents" if tracker == "tensorboard" else ".wandb"
     assert any(marker in f for f in files), files
+
+
+def test_two_cpu_processes_form_one_run(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: one run of 2 processes (gloo),
+    one writer, one metrics line per optimizer step; `--cpu --num_processes 2` is refused, not run as one."""
+    common = ["--config", TINY, "--config.num_epochs=1", "--config.train.total_batch_size=4",
+              "--config.train.total_samples_per_epoch=4", "--config.sample.num_eval_samples=2",
+              f"--config.logdir={tmp_path}", "--config.run_name=two"]
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    result = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "scripts/train.py", *common],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es) x 2 per GPU x 1 accumulation = 4 samples" in result.stderr
+    assert "LoRA weights are bit-identical on all 2 processes" in result.stderr
+    assert [r["step"] for r in records(os.path.join(tmp_path, "two"))] == [1]
+    assert [d for d in os.listdir(tmp_path) if d != "hf"] == ["two"]  # one run folder
+    result = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "2", "--mixed_precision", "no",
+                             "--dynamo_backend", "no", "scripts/train.py", *common[:-1], "--config.run_name=cpu"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "--cpu --num_processes 2` starts one process, not 2" in result.stderr
+    assert not os.path.exists(tmp_path / "cpu")
+
+
+def test_launch_script_shows_one_message_and_the_script_exit_code(tmp_path):
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "MIXED_PRECISION": "no", "HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": REPO}
+    result = subprocess.run(["bash", os.path.join(REPO, "aesthetic_k1.sh"), "--config.train.learnin_rate=1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "config.train.learnin_rate: no such config key; did you mean config.train.learning_rate?" in result.stderr
+    assert "Traceback" not in result.stderr and "CalledProcessError" not in result.stderr
 
 
 def test_launch_script_runs_on_cpu(tmp_path):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from alignprop.errors import UserError
-from alignprop.tracking import RunFolder, RunFolderError
+from alignprop.runs import RunFolder, RunFolderError
 
 
 def test_create_makes_the_folder_and_leaves_no_probe(tmp_path):
