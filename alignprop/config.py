@@ -157,15 +157,16 @@ def help_text(spec=DEFAULT):
 @dataclasses.dataclass
 class Settings:
     """What `check` parsed from a config, once: the family and model source, the reward sum, the prompt
-    sets (files read), the truncation and the batch plan."""
+    sets (files read), the training method (where gradients flow), the batch plan, the held-out rewards."""
 
     family: object
     source: object
     reward: object
     prompts: object
     eval_prompts: object
-    truncation: object
+    method: object
     plan: object
+    eval_rewards: object = None  # held-out rewards scored on the evaluation images only
 
 
 def sampling_problems(config):
@@ -197,10 +198,10 @@ def sampling_problems(config):
 def problems(config, num_processes=1):
     """Every problem of `config`, each as `config.<key>=<value>: <what is valid>`; empty if none. Reads no
     file (the prompt sets are read by `check`)."""
-    from alignprop import checkpoints, plan, prompts, rewards, runs, speed, tracking, training, truncation
+    from alignprop import checkpoints, methods, plan, prompts, rewards, runs, speed, tracking, training
 
     out = sampling_problems(config)
-    for owner in (rewards, prompts, truncation, speed, training, checkpoints, runs, tracking):
+    for owner in (rewards, prompts, methods, speed, training, checkpoints, runs, tracking):
         out.extend(owner.problems(config))
     if config.log_with not in LOG_WITH:
         out.append(f"config.log_with={config.log_with!r}: must be one of {', '.join(LOG_WITH)}")
@@ -234,12 +235,13 @@ def check_sampling(config):
 def check(config, num_processes=1):
     """Check `config` for a run on `num_processes` processes and parse it: a Settings, or one ConfigError
     listing every problem. Prompt files are read here (their problems are reported with the others)."""
-    from alignprop import families, plan, prompts, rewards, truncation
+    from alignprop import families, methods, plan, prompts, rewards
 
     found = problems(config, num_processes)
-    reward = None
+    reward = held_out = None
     try:
         reward = rewards.parse(config.reward_fn)
+        held_out = rewards.parse(config.eval_rewards, "eval_rewards") if config.eval_rewards else None
     except UserError:
         pass  # reported above
     sets = {}
@@ -249,7 +251,8 @@ def check(config, num_processes=1):
         except UserError:
             continue  # reported above
         try:
-            sets[key] = prompts.load(config, key, reward)  # reads a prompt file, downloads the HPSv2 prompts
+            needs = reward if key == "prompt_fn" or held_out is None or reward is None else reward.with_terms(held_out)
+            sets[key] = prompts.load(config, key, needs)  # reads a prompt file, downloads the HPSv2 prompts
         except UserError as e:
             found.append(str(e))
     if found:
@@ -262,6 +265,7 @@ def check(config, num_processes=1):
         reward=reward,
         prompts=sets["prompt_fn"],
         eval_prompts=sets["eval_prompt_fn"],
-        truncation=truncation.Truncation.from_config(config),
+        eval_rewards=held_out,
+        method=methods.Method.from_config(config),
         plan=plan.make_batch_plan(t.total_batch_size, t.total_samples_per_epoch, t.batch_size_per_gpu, num_processes),
     )

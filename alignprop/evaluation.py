@@ -14,13 +14,19 @@ def eval_items(prompt_set, num_samples):
     return [items[i % len(items)] for i in range(num_samples)]
 
 
-def reward_columns(reward_fn, columns):
-    """A reward_fn (total, components, info) -> rewards [B, R], one column per entry of `columns`:
-    the reward itself, or the total then each term of a weighted sum (every scorer runs once per batch)."""
+HELD_OUT = "heldout/"  # the column prefix of a held-out reward (scored on evaluation images, never trained on)
+
+
+def reward_columns(reward_fn, columns, held_out=None):
+    """A reward_fn (total, components, info) -> rewards [B, R], one column per entry of `columns`: the reward
+    itself, or the total then each term of a weighted sum (every scorer runs once per batch); then, with
+    `held_out` (another reward_fn), a `heldout/<name>` column per term of it."""
 
     def fn(images, prompts, metadata):
         total, components, _ = reward_fn(images, prompts, metadata)
         values = {TOTAL: total, **components}
+        if held_out is not None:
+            values.update({HELD_OUT + name: v for name, v in held_out(images, prompts, metadata)[1].items()})
         return torch.stack([values[name] for name in columns], dim=1)
 
     return fn

@@ -13,6 +13,8 @@
   is switched.
 """
 
+import contextlib
+
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
@@ -69,8 +71,11 @@ class _LoRADelta(nn.Module):
         super().__init__()
         self._factors = (lora_A, lora_B)  # a tuple keeps them out of this module's parameters/state dict
         self.scaling = scaling
+        self.enabled = True
 
     def forward(self, weight):
+        if not self.enabled:
+            return weight
         lora_A, lora_B = self._factors
         delta = (lora_B.weight @ lora_A.weight) * self.scaling
         return weight + delta.to(weight.dtype)
@@ -102,6 +107,26 @@ def merge_lora_forward(model, adapter="default"):
         layer._disable_adapters = True  # peft's forward now calls base_layer(x) alone
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model inside the block: every LoRA of `model` (merged or peft's) switched off, then back on.
+    No second copy of the weights: the frozen weights are the base model's."""
+    merged = [m for m in model.modules() if isinstance(m, _LoRADelta)]
+    layers = [layer for layer in lora_layers(model) if not parametrize.is_parametrized(layer.base_layer, "weight")]
+    states = [layer._disable_adapters for layer in layers]
+    for m in merged:
+        m.enabled = False
+    for layer in layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m in merged:
+            m.enabled = True
+        for layer, state in zip(layers, states):
+            layer._disable_adapters = state
 
 
 def unmerge_lora_forward(model):

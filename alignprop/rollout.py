@@ -59,6 +59,15 @@ class Rollout:
 
         `generator` draws the per-step noise (eta > 0).
         """
+        return self.decode(self.latents(cond, latents, grad_steps, generator))
+
+    def latents(self, cond, latents, grad_steps=(), generator=None, start=0, stop=None, detach_input=False,
+                penalty=None):
+        """The sampling loop from `latents` at step `start` (see `sampling.sample` for `stop`, `detach_input`).
+
+        `penalty`, a list: each grad step appends the per-sample mean squared distance between its prediction and
+        the base model's on the same input (the LoRA switched off, no gradient; DRaFT+'s KL-style penalty).
+        """
         negative = None if self.negative is None else expand_cond(self.negative, len(latents))
         spec, call, timesteps = self.spec, self.family.denoiser_call, self.schedule.model_timesteps
 
@@ -72,16 +81,33 @@ class Rollout:
 
             return denoise
 
+        nograd = denoiser(self.prepared.denoiser, "alignprop.denoise")
+        grad = self.prepared.grad_denoise(denoiser(self.train_denoiser, "alignprop.denoise_grad"), len(self.schedule))
+        if penalty is not None:
+            grad = self._with_penalty(grad, nograd, penalty)
         bar = self._progress_bar()
         latents = sampling.sample(
-            self.schedule, latents,
-            nograd_denoise=denoiser(self.prepared.denoiser, "alignprop.denoise"),
-            grad_denoise=self.prepared.grad_denoise(denoiser(self.train_denoiser, "alignprop.denoise_grad"),
-                                                    len(self.schedule)),
-            grad_steps=grad_steps, generator=generator, callback=bar and (lambda i, x: bar.update(1)),
+            self.schedule, latents, nograd, grad, grad_steps=grad_steps, generator=generator, start=start, stop=stop,
+            detach_input=detach_input, callback=bar and (lambda i, x: bar.update(1)),
         )
         if bar:
             bar.close()
+        return latents
+
+    def _with_penalty(self, grad, nograd, penalty):
+        from alignprop.kernels import lora_disabled
+
+        def denoise(x, i):
+            out = grad(x, i)
+            with torch.no_grad(), lora_disabled(self.prepared.denoiser):
+                base = nograd(x, i)
+            penalty.append((out.float() - base.float()).pow(2).flatten(1).mean(1))
+            return out
+
+        return denoise
+
+    def decode(self, latents):
+        """[0, 1] images of final (or predicted clean) latents."""
         images = self.prepared.decode(self.family.vae_input(self.components, latents, (self.height, self.width)))
         return (images / 2 + 0.5).clamp(0, 1)  # the one place where the VAE's [-1, 1] becomes [0, 1]
 
@@ -100,7 +126,3 @@ def grad_suffix(num_steps, k):
     return range(num_steps - k, num_steps)
 
 
-def no_grad_images(rollout, cond, latents, generator=None):
-    """Images of a rollout without any gradient (evaluation, generation checks)."""
-    with torch.no_grad():
-        return rollout(cond, latents, (), generator)

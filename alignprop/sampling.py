@@ -40,22 +40,39 @@ class DDIMSchedule:
             model_output, self.timesteps[i], latents, eta=self.eta, variance_noise=noise
         ).prev_sample
 
+    def pred_x0(self, i, model_output, latents):
+        """The one-step prediction of the clean sample at step `i` (the "posterior mean": epsilon or v, as
+        the config says), differentiable in both inputs."""
+        return self.scheduler.step(model_output, self.timesteps[i], latents, eta=0.0).pred_original_sample
 
-def sample(schedule, latents, nograd_denoise, grad_denoise, grad_steps=(), generator=None, callback=None):
-    """Run every step of `schedule` from `latents`; the denoiser outputs of the steps in `grad_steps` keep gradients.
+    def renoise(self, i, clean, noise):
+        """`clean` forward-diffused to the noise level of step `i`: sqrt(a) x0 + sqrt(1 - a) noise."""
+        alpha = self.scheduler.alphas_cumprod[self.timesteps[i]].to(clean.device, clean.dtype)
+        return alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
+
+
+def sample(schedule, latents, nograd_denoise, grad_denoise, grad_steps=(), generator=None, callback=None,
+           start=0, stop=None, detach_input=False):
+    """Run the steps `start`.. of `schedule` from `latents`; the denoiser outputs of the steps in `grad_steps`
+    keep gradients. Returns the final latents, or, with `stop`, the clean sample predicted at step `stop`
+    (the later steps never run).
 
     `nograd_denoise(latents, i)` runs the other steps under no_grad (no graph, no checkpoint overhead):
     truncated backprop (AlignProp, Prabhudesai et al. 2023, Sec. 4) is `grad_steps = range(T - K, T)`.
     `grad_denoise(latents, i)` runs with gradients (the caller decides checkpointing). The update itself
-    is always differentiable in the latents. `callback(i, latents)` runs after each step.
+    is always differentiable in the latents; `detach_input` stops the gradient at the denoiser's input of
+    every grad step (DRTune, Wu et al. 2024), so earlier steps are reached through the updates' skip terms
+    only. `callback(i, latents)` runs after each step.
     """
     grad_steps = set(grad_steps)
-    for i in range(len(schedule)):
+    for i in range(start, len(schedule) if stop is None else stop + 1):
         if i in grad_steps:
-            output = grad_denoise(latents, i)
+            output = grad_denoise(latents.detach() if detach_input else latents, i)
         else:
             with torch.no_grad():
                 output = nograd_denoise(latents, i)
+        if i == stop:
+            return schedule.pred_x0(i, output, latents)
         latents = schedule.step(i, output, latents, generator)
         if callback is not None:
             callback(i, latents)

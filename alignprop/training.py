@@ -7,10 +7,10 @@ import time
 import torch
 from torch.autograd.profiler import record_function
 
-from alignprop import lora, speed
+from alignprop import lora, methods, speed
 from alignprop.rewards import reward_loss
 from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
-from alignprop.rollout import Rollout, SampleSpec, grad_suffix
+from alignprop.rollout import Rollout, SampleSpec
 
 
 def problems(config):
@@ -62,7 +62,7 @@ class Trainer:
     rollout: Rollout  # its grad steps run through the prepared (DDP-wrapped) denoiser
     reward_fn: object  # (images, prompts, metadata) -> (total, components, info), as training calls it
     prompt_set: object
-    truncation: object  # draws K once per rollout
+    method: object  # methods.Method: where gradients flow, drawn once per rollout
     optimizer: object
     params: list  # the LoRA parameters (fp32)
     streams: RandomStreams
@@ -71,6 +71,7 @@ class Trainer:
     loss_coeff: float
     reward_target: float = None
     max_grad_norm: float = 5.0
+    kl_coeff: float = 0.0  # DRaFT+'s prediction-distance penalty (0: off)
 
 
 @dataclasses.dataclass
@@ -120,7 +121,7 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         rollout=rollout,
         reward_fn=speed.reward_call(reward_fn, config.speed),
         prompt_set=settings.prompts,
-        truncation=settings.truncation,
+        method=settings.method,
         optimizer=optimizer,
         params=params,
         streams=streams,
@@ -129,6 +130,7 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         loss_coeff=config.train.loss_coeff,
         reward_target=config.reward.target,
         max_grad_norm=config.train.max_grad_norm,
+        kl_coeff=config.train.kl_coeff,
     )
     return trainer, lora_config
 
@@ -140,29 +142,38 @@ class MicroBatch:
     components: dict
     info: dict
     prompts: list
-    k: int
+    k: int  # denoiser calls with gradients
     images: torch.Tensor  # detached
+    kl: torch.Tensor = None  # the prediction-distance penalty (before its coefficient), detached
 
 
 def micro_batch(trainer):
-    """One rollout of `batch_size` samples with gradients through its last K denoiser calls."""
+    """One rollout of `batch_size` samples with gradients where the method's plan says (AlignProp: the last K
+    denoiser calls, K drawn once per rollout)."""
     prompts, metadata = zip(*(trainer.prompt_set(trainer.streams.prompts) for _ in range(trainer.batch_size)))
     prompts, metadata = list(prompts), list(metadata)
     rollout = trainer.rollout
     cond = rollout.encode(prompts)
-    k = trainer.truncation.draw(trainer.streams.truncation)
+    plan = trainer.method.draw(trainer.streams.truncation)
     latents = rollout.initial_latents(len(prompts), trainer.streams.noise)
-    images = rollout(cond, latents, grad_suffix(len(rollout.schedule), k), trainer.streams.noise)
+    penalty = [] if trainer.kl_coeff else None
+    images = methods.images(rollout, cond, latents, plan, trainer.streams.noise, penalty)
+    copies = len(images) // len(prompts)  # DRaFT-LV scores n one-step samples of each prompt
+    prompts, metadata = prompts * copies, metadata * copies
     with record_function("alignprop.reward"):
         rewards, components, info = trainer.reward_fn(images, prompts, metadata)
     loss = reward_loss(rewards, trainer.reward_target) * trainer.loss_coeff
+    kl = torch.cat(penalty).mean() if penalty else None  # over the grad steps and the samples
+    if kl is not None:
+        loss = loss + trainer.kl_coeff * kl
     if torch.is_grad_enabled() and not loss.requires_grad:
         raise RuntimeError(
             "The reward function returned rewards with no gradient w.r.t. the images, so there is nothing to "
             "backpropagate. AlignProp needs a differentiable reward: keep the computation in torch on the "
             "images it is given (no .detach(), .item(), .cpu().numpy(), PIL or torch.no_grad())."
         )
-    return MicroBatch(loss, rewards.detach(), components, info, prompts, k, images.detach())
+    kl = None if kl is None else kl.detach()
+    return MicroBatch(loss, rewards.detach(), components, info, prompts, plan.k, images.detach(), kl)
 
 
 def reduce_info(accelerator, infos):
@@ -258,6 +269,8 @@ def train_step(trainer, keep_samples=False):
         "seconds": time.perf_counter() - start,
         **({"gpu_peak_gib": max(peak)} if peak is not None else {}),
     }
+    if batches[0].kl is not None:
+        metrics["kl"] = accelerator.reduce(torch.stack([b.kl for b in batches]).mean(), reduction="mean").item()
     last = batches[-1]
     samples = Samples([p for b in batches for p in b.prompts])
     if keep_samples:

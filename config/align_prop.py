@@ -151,6 +151,42 @@ def _sd21(config):
     config.train.batch_size_per_gpu = 2
 
 
+def aesthetic_draft_k():
+    """DRaFT-K (Clark et al. 2023): the last K=1 steps keep gradients, K fixed (the paper's best K)."""
+    config = aesthetic()
+    config.train.method, config.train.truncation, config.train.k = "draft_k", "fixed", 1
+    return config
+
+
+def aesthetic_draft_lv():
+    """DRaFT-LV: K=1 on n=2 re-noised copies of the last step (lower-variance gradients)."""
+    config = aesthetic()
+    config.train.method, config.train.lv_copies = "draft_lv", 2
+    return config
+
+
+def aesthetic_refl():
+    """ReFL (ImageReward): one step s of the last 10 with gradients, the reward on its predicted clean sample."""
+    config = aesthetic()
+    config.train.method, config.train.stop_last = "refl", 10
+    return config
+
+
+def aesthetic_drtune():
+    """DRTune: 3 evenly spaced steps of 0..s with their inputs detached, s in the last 20 (0.4 of 50 steps)."""
+    config = aesthetic()
+    config.train.method, config.train.drtune_k, config.train.stop_last = "drtune", 3, 20
+    return config
+
+
+def hps_kl():
+    """HPSv2 with DRaFT+'s prediction-distance penalty, and held-out rewards on the evaluation images."""
+    config = hps_k1()
+    config.train.kl_coeff = 0.2
+    config.eval_rewards = "aesthetic,pickscore"
+    return config
+
+
 def evaluate():
     """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
     config = aesthetic()
@@ -182,6 +218,7 @@ def tiny():
     config.train.total_samples_per_epoch = 8
     config.train.truncation = "uniform"
     config.train.k_min, config.train.k_max = 1, 8
+    config.train.stop_last = 4  # refl / drtune: s in the last 4 of the 8 steps
     config.train.learning_rate = 3e-2
     # The random tiny reward has a tiny output scale; without this its gradients sit near Adam's eps.
     config.train.loss_coeff = 1.0
@@ -214,6 +251,11 @@ EXPERIMENTS = {
     "aesthetic_hps": aesthetic_hps,
     "aesthetic_sd21": aesthetic_sd21,
     "hps_sd21": hps_sd21,
+    "aesthetic_draft_k": aesthetic_draft_k,
+    "aesthetic_draft_lv": aesthetic_draft_lv,
+    "aesthetic_refl": aesthetic_refl,
+    "aesthetic_drtune": aesthetic_drtune,
+    "hps_kl": hps_kl,
     "evaluate": evaluate,
     "tiny": tiny,
     "tiny_sd21": tiny_sd21,

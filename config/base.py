@@ -34,6 +34,9 @@ def base():
     config.prompt_fn = "simple_animals"
     # Evaluation prompt set (unseen prompts).
     config.eval_prompt_fn = "eval_simple_animals"
+    # Held-out rewards scored on the evaluation images only, beside the trained one, to watch for reward hacking
+    # (e.g. train HPS, watch "aesthetic,pickscore"); names as in reward_fn, logged as eval/heldout/<name>_mean.
+    config.eval_rewards = ""
     # Experiment trackers: "none", "wandb" or "tensorboard" (metrics.jsonl is always written).
     config.log_with = "none"
     # wandb/tensorboard project name.
@@ -93,6 +96,20 @@ def base():
     train.max_grad_norm = 5.0
     # Loss = loss_coeff x (−mean reward, or |reward − reward.target|).
     train.loss_coeff = 0.01
+    # Where gradients flow through the chain (alignprop/methods.py): "alignprop" (the last K steps, K from
+    # `truncation` below), "draft_k" (the last train.k steps: truncation "fixed"), "draft_lv" (K=1 over
+    # `lv_copies` re-noised copies of the last step), "refl" (one step s of the last `stop_last`, the reward on
+    # its predicted clean sample), "drtune" (`drtune_k` spaced steps of 0..s, inputs detached, reward at s).
+    train.method = "alignprop"
+    # DRaFT-LV: copies of the last step (n; the paper's 2). Each copy is one more decode and reward pass.
+    train.lv_copies = 2
+    # ReFL and DRTune: the step s whose predicted clean sample the reward sees is drawn from the last this many.
+    train.stop_last = 10
+    # DRTune: the number of (evenly spaced) steps of 0..s that keep gradients.
+    train.drtune_k = 3
+    # DRaFT+'s penalty: this times the mean squared distance of the fine-tuned and base predictions on the same
+    # inputs at the grad steps, added to the loss (0: off; logged as `kl`).
+    train.kl_coeff = 0.0
     # Truncated backprop: "fixed" (K = train.k), "uniform" (K ~ U[k_min, k_max]) or
     # "gaussian" (cut point ~ N(cut_mean, cut_std), K = num_steps − cut, clipped to [k_min, k_max]).
     train.truncation = "uniform"

@@ -54,9 +54,12 @@ def lora_grads_of_one_rollout(trainer, k, seed=1234):
     """Images, rewards and LoRA gradients of one micro-batch with fixed K from a fixed seed."""
     from alignprop.rng import RandomStreams
     from alignprop.training import micro_batch
+    import dataclasses
+
     from alignprop.truncation import Truncation
 
-    trainer.truncation = Truncation("fixed", trainer.truncation.num_steps, k)
+    steps = trainer.method.num_steps
+    trainer.method = dataclasses.replace(trainer.method, name="alignprop", truncation=Truncation("fixed", steps, k))
     trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer.accelerator.autocast():
@@ -209,14 +212,18 @@ def main(argv):
     import diffusers, peft, transformers  # noqa: E401
 
     results.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    import dataclasses
+
     from alignprop.truncation import Truncation
 
     for k in args.ks.split(","):
-        trainer.truncation = (
+        truncation = (
             Truncation("uniform", args.steps, k_min=1, k_max=args.steps)
             if k == "uniform"
             else Truncation("fixed", args.steps, int(k))
         )
+        # The config's method (alignprop by default) with this K; --ks is ignored by methods without a K.
+        trainer.method = dataclasses.replace(trainer.method, truncation=truncation)
         try:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from alignprop import checkpoints, config as configs, families, launch, lora, rewards, runs, speed, training
 from alignprop.errors import UserError
-from alignprop.evaluation import eval_items, evaluate, reward_columns, summarize
+from alignprop.evaluation import HELD_OUT, eval_items, evaluate, reward_columns, summarize
 from alignprop.interrupt import StopRequest
 from alignprop.runs import RunFolder
 from alignprop.tracking import captions, image_grid, init_trackers, log_images, plot_rewards
@@ -137,7 +137,12 @@ def run_training(config, settings, run, resume_checkpoint):
         logger.info("resumed from %s at optimizer step %d", resume_checkpoint, step)
 
     columns = settings.reward.columns  # the reward, or a sum's total and then each term
-    eval_reward_fn = reward_columns(reward_fn, columns)
+    held_out = None
+    if settings.eval_rewards:  # rewards never trained on, scored on the evaluation images (reward hacking shows there)
+        spec = rewards.RewardSpec(tuple(t for t in settings.eval_rewards.terms if t[0] not in settings.reward.names))
+        held_out = rewards.build(spec, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision))
+        columns = columns + [HELD_OUT + name for name in spec.names]
+    eval_reward_fn = reward_columns(reward_fn, columns, held_out)
     items = eval_items(settings.eval_prompts, config.sample.num_eval_samples)
 
     def run_eval(name):

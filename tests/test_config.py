@@ -181,7 +181,8 @@ def test_check_returns_the_parsed_settings():
     settings = check(config("config/align_prop.py:tiny_sd21"))
     assert settings.family.name == "sd" and (settings.source.kind, settings.source.name) == ("tiny", "sd2")
     assert settings.reward.terms == (("aesthetic", 1.0),) and len(settings.prompts) > 0
-    assert settings.truncation.mode == "uniform" and settings.plan.accumulation_steps == 2
+    assert settings.method.name == "alignprop" and settings.method.truncation.mode == "uniform"
+    assert settings.plan.accumulation_steps == 2
 
 
 @pytest.mark.slow

@@ -72,6 +72,10 @@ class RewardSpec:
         plain = len(self.terms) == 1 and self.terms[0][1] == 1.0
         return self.names if plain else [TOTAL, *self.names]
 
+    def with_terms(self, other):
+        """These terms and those of `other` not among them (the rewards an evaluation scores)."""
+        return RewardSpec(self.terms + tuple(t for t in other.terms if t[0] not in self.names))
+
     def metadata(self):
         """Metadata keys the prompts must carry for these rewards."""
         keys = []
@@ -119,9 +123,12 @@ def parse(spec, key="reward_fn"):
 
 
 def problems(config):
-    """Start-up checks: `config.reward_fn`, `config.reward.target`, and the settings of each reward in use."""
+    """Start-up checks: `config.reward_fn`, `config.eval_rewards`, `config.reward.target`, and the settings of
+    each reward in use."""
     try:
         spec = parse(config.reward_fn)
+        if config.eval_rewards:
+            spec = spec.with_terms(parse(config.eval_rewards, "eval_rewards"))
     except RewardSpecError as e:
         return [str(e)]
     out = []
