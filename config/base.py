@@ -192,6 +192,18 @@ def base():
     # Tokenizer (hub id or folder) of the prompts: BLIP's, bert-base-uncased.
     imagereward.tokenizer = "google-bert/bert-base-uncased"
 
+    reward.mps = mps = ml_collections.ConfigDict()
+    # MPS (overall): "MPS-overall" (CLIP ViT-H/14 + MPS's cross model) or "tiny" (tiny random towers, offline).
+    mps.model = "MPS-overall"
+    # Hub repo and file of a copy of the checkpoint (the official MPS_overall_checkpoint.pth is published through
+    # the Kwai-Kolors/MPS README, not on the hub: download it and set `path`).
+    mps.repo = ""
+    mps.file = "MPS_overall_checkpoint.pth"
+    # Local path of the checkpoint (the official pickled model, a state dict, or .safetensors).
+    mps.path = config_dict.placeholder(str)
+    # Processor (tokenizer + normalization) of MPS: hub id or local folder.
+    mps.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
     reward.compressibility = compressibility = ml_collections.ConfigDict()
     # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
     # (used by both `compressibility` and `incompressibility`).
