@@ -181,12 +181,22 @@ class MPSScorer(nn.Module):
         return self.model.logit_scale.exp() * cosine
 
 
+# What the unpickler may call: torch's tensor rebuilders, torch.nn modules and plain containers; any other
+# global (transformers' classes, MPS's own, and every callable that could run code) becomes an empty record.
+SAFE_GLOBALS = {"collections": {"OrderedDict"}, "copyreg": {"_reconstructor"}, "_codecs": {"encode"},
+                "builtins": {"set", "frozenset", "dict", "list", "tuple", "int", "float", "bool", "str", "bytes",
+                             "slice", "object"},
+                "torch._utils": {"_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state"},
+                "torch.nn.parameter": {"Parameter"}, "torch": {"Size", "float32", "float16", "bfloat16", "int64"}}
+
+
 class _Tensors(pickle.Unpickler):
-    """Unpickles a whole saved model with every class outside torch replaced by an empty record: its tensors
+    """Unpickles a whole saved model with every class outside torch.nn replaced by an empty record: its tensors
     can be read without the code (or the library versions) that saved it, and nothing of it runs."""
 
     def find_class(self, module, name):
-        if module.split(".")[0] in ("torch", "collections", "builtins", "__builtin__", "copyreg", "_codecs"):
+        module = "builtins" if module == "__builtin__" else module
+        if name in SAFE_GLOBALS.get(module, ()) or module.startswith("torch.nn.modules."):
             return super().find_class(module, name)
         return type(name, (), {"__init__": lambda self, *a, **k: None, "__setstate__": _record})
 
