@@ -120,3 +120,16 @@ def _report_truncation(tokenizer, prompts):
         dropped,
         len(over),
     )
+
+
+# A tiny WordPiece vocabulary (special tokens, lower-case letters, digits, punctuation) for the tiny BERT-style
+# text towers (ImageReward's); real checkpoints bring `bert-base-uncased`'s tokenizer.
+_TINY_WORDPIECE = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+                   + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"])
+
+
+def tiny_bert_tokenizer():
+    """A BERT (WordPiece, lower-case) tokenizer over a tiny character vocabulary, built offline."""
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab={token: i for i, token in enumerate(_TINY_WORDPIECE)}, model_max_length=512)

@@ -210,6 +210,8 @@ def tiny():
     config.reward.pickscore.model = "tiny"
     config.reward.clipscore.model = "tiny"
     config.reward.object_count.model = "tiny"
+    config.reward.imagereward.model = "tiny"
+    config.reward.mps.model = "tiny"
     config.sample.num_steps = 8
     config.sample.eval_batch_size = 4
     config.sample.num_eval_samples = 4

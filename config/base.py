@@ -197,6 +197,30 @@ def base():
     # Processor (tokenizer + normalization): hub id or local folder; unset means the model's own.
     clipscore.processor = config_dict.placeholder(str)
 
+    reward.imagereward = imagereward = ml_collections.ConfigDict()
+    # ImageReward v1.0 (BLIP ViT-L/16 + BERT): "ImageReward-v1.0" (the official architecture) or "tiny" (tiny random
+    # towers, offline).
+    imagereward.model = "ImageReward-v1.0"
+    # Hub repo and file of the official state dict.
+    imagereward.repo = "THUDM/ImageReward"
+    imagereward.file = "ImageReward.pt"
+    # Local path of the state dict; overrides the hub download.
+    imagereward.path = config_dict.placeholder(str)
+    # Tokenizer (hub id or folder) of the prompts: BLIP's, bert-base-uncased.
+    imagereward.tokenizer = "google-bert/bert-base-uncased"
+
+    reward.mps = mps = ml_collections.ConfigDict()
+    # MPS (overall): "MPS-overall" (CLIP ViT-H/14 + MPS's cross model) or "tiny" (tiny random towers, offline).
+    mps.model = "MPS-overall"
+    # Hub repo and file of a copy of the checkpoint (the official MPS_overall_checkpoint.pth is published through
+    # the Kwai-Kolors/MPS README, not on the hub: download it and set `path`).
+    mps.repo = ""
+    mps.file = "MPS_overall_checkpoint.pth"
+    # Local path of the checkpoint (the official pickled model, a state dict, or .safetensors).
+    mps.path = config_dict.placeholder(str)
+    # Processor (tokenizer + normalization) of MPS: hub id or local folder.
+    mps.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
     reward.compressibility = compressibility = ml_collections.ConfigDict()
     # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
     # (used by both `compressibility` and `incompressibility`).

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPProcessor
 
+import reference_preprocess as ref
 from alignprop.rewards import clipscore, towers
 from alignprop.rewards.loading import BadWeightsError, WeightsNotFoundError
 from alignprop.tokenizers import clip_tokenizer
@@ -106,9 +107,39 @@ def test_tiny_rewards_through_the_registry():
     for name in ("clipscore", "pickscore"):
         images = _images().requires_grad_()
         rewards, components, info = make_reward(name)(images, PROMPTS, [{}, {}])
-        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and info == {} and list(components) == [name]
+        assert rewards.shape == (2,) and rewards.dtype == torch.float32 and list(components) == [name]
+        assert set(info) == ({"clipscore/clip_score"} if name == "clipscore" else set())
         rewards.sum().backward()
         assert images.grad.abs().sum() > 0
+
+
+def test_clipscore_logs_the_conventional_clip_score():
+    """The reward is the cosine (a gradient everywhere); the log has torchmetrics' 100 x max(cosine, 0) beside it."""
+    cosine = torch.tensor([-0.2, 0.0, 0.31])
+    torch.testing.assert_close(clipscore.clip_score(cosine), torch.tensor([0.0, 0.0, 31.0]))
+    rewards, components, info = make_reward("clipscore")(_images(), PROMPTS, [{}, {}])
+    torch.testing.assert_close(info["clipscore/clip_score"], 100 * rewards.clamp(min=0))
+
+
+@pytest.mark.parametrize("shape", [(48, 67), (67, 48), (512, 703)])
+@pytest.mark.parametrize("name", ["pickscore", "clipscore"])
+def test_non_square_images_score_as_with_the_clip_processor(saved, shape, name):
+    """Against the model on the pixels of transformers' CLIPImageProcessor (PickScore's code, torchmetrics), uint8.
+
+    Measured |difference| of the cosine (~0.03-0.05): 1.7e-5-1.7e-4 now (uint8 rounding); 0.002-0.017 with the former
+    bilinear preprocessing; at 512x703 torchvision's crop offset (42, not the processor's 41) alone is 0.025 off.
+    """
+    model_dir, processor_dir, model = saved
+    cfg = base().reward[name]
+    cfg.model, cfg.processor = model_dir, processor_dir
+    scorer = clipscore.build_scorer(cfg, name, use_logit_scale=False)
+    array = ref.photo("rocket", *shape)
+    tokens = clip_tokenizer()(PROMPTS[:1], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = scorer(ref.as_tensor(array), PROMPTS[:1])
+        pixels = ref.transformers_clip(array, 32, MEAN, STD)
+        out = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, pixel_values=pixels)
+    torch.testing.assert_close(ours, (out.image_embeds * out.text_embeds).sum(-1), rtol=0, atol=5e-4)
 
 
 def _broken_copy(saved, tmp_path, rewrite):

@@ -148,10 +148,35 @@ def test_tiny_config_makes_every_reward_model_tiny():
     """Every reward sub-dict that names a model must be 'tiny' in the tiny config (offline runs of any reward)."""
     reward = tiny().reward
     models = {name: sub.get("model", sub.get("clip_model")) for name, sub in reward.items() if hasattr(sub, "keys")}
-    assert {"aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count"} <= set(models)
+    assert {"aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps"} <= set(models)
     assert all(model in (None, "tiny") for model in models.values()), models
 
 
 def test_unknown_single_name_message():
     with pytest.raises(RewardSpecError, match=r"^config.reward_fn='nope' is not a reward; valid: aesthetic, "):
         parse("nope")
+
+
+# Every reward that runs a neural network, in the half types on the CPU (F.interpolate's antialias has no CPU kernel
+# for them: the resize runs in fp32 there).
+NETWORK_REWARDS = ["aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NETWORK_REWARDS)
+def test_half_types_on_the_cpu(name, dtype):
+    from alignprop.rewards import build
+
+    cfg = tiny("config/align_prop.py:tiny", {"prompt_fn": "counting"})
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    metadata = [{"object": "apple", "count": 2}, {"object": "cup", "count": 1}]
+    reference, _, _ = build(parse(name), cfg.reward, cfg.seed, torch.device("cpu"), torch.float32)(
+        images, ["two apples", "one cup"], metadata)
+    half = images.clone().requires_grad_()
+    scores, _, _ = build(parse(name), cfg.reward, cfg.seed, torch.device("cpu"), dtype)(
+        half, ["two apples", "one cup"], metadata)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    # Tiny random towers in half precision: close to fp32 relative to the scale of the scores.
+    assert (scores.detach() - reference).abs().max() <= 0.1 * reference.abs().max() + 0.05, (scores, reference)
+    scores.sum().backward()
+    assert half.grad is not None and torch.isfinite(half.grad).all()

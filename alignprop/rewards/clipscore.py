@@ -1,11 +1,15 @@
 """Text-image similarity of a transformers CLIP: CLIP score and PickScore.
 
-- `clipscore`: cosine of the image and prompt embeddings of a CLIP (default `openai/clip-vit-large-patch14`),
-  in [-1, 1] (about 0.2-0.35 for matching real images). The CLIPScore metric (Hessel et al. 2021) is
-  2.5 x max(cosine, 0); the plain cosine keeps a gradient everywhere.
+- `clipscore`: the reward (training signal, and the logged `reward/clipscore`) is the cosine of the image
+  and prompt embeddings of a CLIP (default `openai/clip-vit-large-patch14`), in [-1, 1] (about 0.2-0.35
+  for matching real images): it keeps a gradient everywhere. The number papers and torchmetrics report,
+  CLIP score = 100 x max(cosine, 0) (about 20-35), is logged beside it as `clipscore/clip_score`.
 - `pickscore`: PickScore v1 (Kirstain et al. 2023), a CLIP ViT-H/14 fine-tuned on Pick-a-Pic human
   preferences: `logit_scale.exp()` x cosine (about 18-23 for real images). Weights
   `yuvalkirstain/PickScore_v1`, tokenizer and normalization from `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`.
+
+Both preprocess as transformers' CLIPImageProcessor (which torchmetrics and PickScore's code use): shorter
+side to the tower's size (bicubic), centre crop with the offset rounded down.
 """
 
 import torch
@@ -88,12 +92,18 @@ def build_scorer(cfg, key, use_logit_scale, seed=0):
     )
 
 
+def clip_score(cosine):
+    """The CLIP score of torchmetrics and the papers: 100 x max(cosine, 0)."""
+    return 100 * cosine.clamp(min=0)
+
+
 def _builder(key, use_logit_scale):
     def build(cfg, seed=0, device=None, dtype=None):
         scorer = prepare_scorer(build_scorer(cfg, key, use_logit_scale, seed), device, dtype)
 
         def reward_fn(images, prompts, metadata):
-            return scorer(images, prompts).float(), {}
+            scores = scorer(images, prompts).float()
+            return scores, ({} if use_logit_scale else {"clip_score": clip_score(scores.detach())})
 
         return reward_fn
 
@@ -114,7 +124,7 @@ REWARDS = (
         "clipscore",
         "clipscore",
         _builder("clipscore", False),
-        "cosine of CLIP image and prompt embeddings (about 0.2-0.35)",
+        "cosine of CLIP image and prompt embeddings (about 0.2-0.35); logs the CLIP score 100 x max(cos, 0)",
         problems=problems,
     ),
     Reward(

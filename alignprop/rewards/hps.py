@@ -2,7 +2,9 @@
 
 The model is open_clip `ViT-H-14` fine-tuned on HPDv2. Score = cosine of the L2-normalized image and
 prompt embeddings (the diagonal of image·text features, no logit scale), about 0.2-0.35 for real images.
-AlignProp minimizes 1 − score; the reward is the score, which gives the same gradient.
+AlignProp minimizes 1 − score; the reward is the score, which gives the same gradient. Images are
+letterboxed as HPSv2's evaluation transform does (`ResizeMaxSize`: longer side to 224, bicubic, zero
+padding), not centre-cropped: a 512x768 image is scored whole.
 
 Weights: hub repo `xswu/HPSv2`, `HPS_v2_compressed.pt` (`hps`) or `HPS_v2.1_compressed.pt` (`hps_v21`),
 a dict with a `state_dict` key, or a local copy at `config.reward.<name>.path` (`"random"`: random weights).
@@ -45,7 +47,7 @@ class HPSScorer(nn.Module):
 
     def forward(self, images, prompts):
         param = next(self.parameters())
-        pixels = clip_preprocess(images.to(param.dtype), self.image_size, self.mean, self.std)
+        pixels = clip_preprocess(images.to(param.dtype), self.image_size, self.mean, self.std, mode="letterbox")
         tokens = self.tokenizer(list(prompts)).to(param.device)
         out = self.model(pixels, tokens)  # output_dict=True: features already L2-normalized
         return (out["image_features"] * out["text_features"]).sum(-1)
