@@ -8,6 +8,7 @@ from alignprop import lora, speed
 from alignprop.prompts import make_prompt_set
 from alignprop.rng import RandomStreams
 from alignprop.rollout import Rollout, SampleSpec
+from alignprop.methods import Method
 from alignprop.truncation import Truncation
 from helpers import SD_TARGETS, config
 
@@ -38,7 +39,7 @@ def make_trainer(components, sd):
             rollout=Rollout(sd, components, SampleSpec(4, 7.5), prepared, denoiser),
             reward_fn=reward_fn,
             prompt_set=make_prompt_set("simple_animals"),
-            truncation=truncation or Truncation("uniform", 4, k_min=1, k_max=4),
+            method=Method("alignprop", 4, truncation or Truncation("uniform", 4, k_min=1, k_max=4)),
             optimizer=optimizer,
             params=params,
             streams=RandomStreams(0, 0, torch.device("cpu")),
