@@ -80,6 +80,11 @@ def _lookup(tree, key):
     return list(tree) if isinstance(tree, tuple) else tree
 
 
+def _zip_signature(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def file_problem(path):
     """Why a checkpoint file cannot be read (truncated, corrupt), or None; reads formats without running them."""
     import pickletools
@@ -94,8 +99,8 @@ def file_problem(path):
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
             if 8 + header_size + end != size:
                 return f"({size} bytes) is truncated: its header describes {8 + header_size + end} bytes"
-        elif path.endswith((".bin", ".pt", ".pth")):
-            with zipfile.ZipFile(path) as z:
+        elif path.endswith((".bin", ".pt", ".pth")) or (path.endswith(".pkl") and _zip_signature(path)):
+            with zipfile.ZipFile(path) as z:  # torch.save's format (accelerate saves its .pkl files with it too)
                 bad = z.testzip()
             if bad:
                 return f"({size} bytes) is corrupt (its member {bad} fails its checksum)"

@@ -136,8 +136,9 @@ def test_checkpoint_files_are_read_without_running_them(tmp_path):
     import torch
 
     torch.save({"x": torch.zeros(3)}, tmp_path / "optimizer.bin")
-    (tmp_path / "random_states_0.pkl").write_bytes(pickle.dumps({"a": [1, 2, 3]}))
-    for name in ("optimizer.bin", "random_states_0.pkl"):
+    torch.save({"state": [1, 2, 3]}, tmp_path / "random_states_0.pkl")  # accelerate's .pkl files are torch.save zips
+    (tmp_path / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps({"a": [1, 2, 3]}))
+    for name in ("optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
         assert checkpoints.file_problem(str(tmp_path / name)) is None
         data = (tmp_path / name).read_bytes()
         (tmp_path / name).write_bytes(data[: len(data) // 2])
