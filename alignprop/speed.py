@@ -12,7 +12,10 @@ BENCHMARKS.md and checked against plain autograd in the tests:
 """
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 
 import torch
 from torch.autograd.profiler import record_function
@@ -47,6 +50,8 @@ def check_precision(mixed_precision, device):
 def problems(config):
     """Start-up checks of `config.speed`."""
     out = []
+    if not isinstance(config.speed.compile_cache, str) or not config.speed.compile_cache:
+        out.append(f"config.speed.compile_cache={config.speed.compile_cache!r}: must be 'auto', 'off' or a file path")
     for key, what in (
         ("uncheckpointed_steps", "0: checkpoint every grad step"),
         ("decode_chunk", "0: decode all at once"),
@@ -133,6 +138,51 @@ def prepare(components, speed, backend="inductor"):
         decode_chunk=speed.decode_chunk,
         checkpoint_decode=speed.checkpoint_decode,
     )
+
+
+def compile_cache_file(config):
+    """The file that keeps this kind of run's compiled kernels between runs (torch.compile's portable cache
+    artifacts), or None: `speed.compile_cache` ("auto": one file per run shape under the user's cache folder,
+    $XDG_CACHE_HOME/alignprop/compile; a path; "off"), and only when the denoiser is compiled on a GPU."""
+    setting = config.speed.compile_cache
+    if not config.speed.compile or setting == "off" or not torch.cuda.is_available():
+        return None
+    if setting != "auto":
+        return os.path.expanduser(setting)
+    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "alignprop", "compile",
+                        f"{compile_cache_key(config)}.bin")
+
+
+def compile_cache_key(config):
+    """What the compiled graphs of a run depend on: torch, the card, the model, the shapes, precision and plan."""
+    s, t = config.sample, config.train
+    shape = {
+        "torch": torch.__version__, "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": [config.model.family, config.model.source], "precision": config.mixed_precision,
+        "sample": [s.num_steps, s.height, s.width, s.eval_batch_size], "batch": t.batch_size_per_gpu,
+        "method": t.method, "reward": config.reward_fn, "speed": dict(config.speed),
+    }
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_compile_cache(path):
+    """Load saved compiled kernels before the first compiled call: a warm start skips most of the compilation."""
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            torch.compiler.load_cache_artifacts(f.read())
+        logger.info("compiled kernels loaded from %s", path)
+
+
+def save_compile_cache(path):
+    """Save what torch.compile compiled so far (atomically: a half-written file is never loaded)."""
+    artifacts = torch.compiler.save_cache_artifacts() if path else None
+    if not artifacts:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(artifacts[0])
+    os.replace(path + ".tmp", path)
+    logger.info("compiled kernels saved to %s (%.1f MB)", path, len(artifacts[0]) / 1e6)
 
 
 def reward_call(reward_fn, speed):

@@ -133,6 +133,10 @@ def base():
     # decoder. The first step compiles (about 4-5 minutes at SD 1.5 size), then a step is ~1.6x faster and
     # lighter. Skipped on the CPU.
     speed.compile = True
+    # Keep the compiled kernels between runs (torch.compile's portable cache artifacts): "auto" (a file per run
+    # shape under ~/.cache/alignprop/compile, or $XDG_CACHE_HOME), a file path, or "off". Saved after the first
+    # optimizer step, loaded at start-up: a second run, a resume or an evaluation of the same shapes starts warm.
+    speed.compile_cache = "auto"
     # Recompute each grad step's denoiser call in backward instead of storing its activations...
     speed.checkpoint_grad_steps = True
     # ...except the last this many grad steps (one forward less per step, one call's activations more).

@@ -34,6 +34,9 @@ def parser():
     ap.add_argument("--tiny", action="store_true", help="tiny random models (a CPU smoke test of this script)")
     ap.add_argument("--profile", action="store_true",
                     help="profile one step of the first K (phase times in the JSON, op table in OUT/profile_LABEL.txt)")
+    ap.add_argument("--ddp", action="store_true",
+                    help="run the grad steps through a one-process DistributedDataParallel wrapper (a world-size-1 "
+                         "process group), as multi-GPU runs do, to compare with the unwrapped module on one GPU")
     ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
                     help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
                          "compiled vs eager")
@@ -98,6 +101,25 @@ def compare_with_eager(trainer, k):
         "compiled_vs_eager": differences(compiled, eager),
         "eager_vs_eager_other_kernels": differences(eager_other_kernels, eager),
     }
+
+
+def wrap_in_ddp(trainer, components):
+    """The grad steps through DDP over a world-size-1 process group (gloo on the CPU, NCCL on a GPU): DDP's
+    hooks, buckets and all-reduce run as on several GPUs, and the no-grad steps use the unwrapped module."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                world_size=1, rank=0)
+    device = trainer.accelerator.device
+    trainer.rollout.train_denoiser = DistributedDataParallel(
+        components.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train_step_synced(trainer):
@@ -192,6 +214,8 @@ def main(argv):
         settings.reward, config.reward, config.seed, device, speed.inference_dtype(args.precision)
     )
     trainer, _ = training.make_trainer(config, settings, accelerator, components, reward_fn)
+    if args.ddp:
+        wrap_in_ddp(trainer, components)
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {
@@ -202,6 +226,7 @@ def main(argv):
         "steps": args.steps,
         "model": config.model.source,
         "processes": n,
+        "ddp": args.ddp or n > 1,
         "accumulation": settings.plan.accumulation_steps,
         "total_batch": total,
         "torch": torch.__version__,

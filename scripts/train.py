@@ -129,6 +129,8 @@ def run_training(config, settings, run, resume_checkpoint):
     reward_fn = rewards.build(
         settings.reward, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision)
     )
+    cache = speed.compile_cache_file(config)
+    speed.load_compile_cache(cache)
     trainer, lora_config = training.make_trainer(config, settings, accelerator, components, reward_fn)
 
     step = 0
@@ -156,6 +158,8 @@ def run_training(config, settings, run, resume_checkpoint):
 
     if config.num_epochs == 0:  # evaluation only: the checkpoint in resume_from, or the base model
         run_eval("eval")
+        if cache and accelerator.is_main_process:
+            speed.save_compile_cache(cache)
         accelerator.end_training()
         return
 
@@ -176,6 +180,9 @@ def run_training(config, settings, run, resume_checkpoint):
         keep_samples = bool(config.log_image_freq) and (step + 1) % config.log_image_freq == 0
         metrics, samples = training.train_step(trainer, keep_samples=keep_samples)
         step += 1
+        if cache and accelerator.is_main_process:
+            speed.save_compile_cache(cache)  # after this process's first step: evaluation's and training's graphs
+            cache = None
         if keep_samples and accelerator.is_main_process:
             grid = image_grid(samples.images, captions(samples.image_prompts, samples.rewards))
             grid.save(run.image_path(f"train_step{step}.png"))

@@ -409,6 +409,12 @@ def test_benchmark_smoke(tmp_path):
     assert all(row["finite"] and row["s_per_step_median"] > 0 for row in data["k"].values())
     assert data["denoiser_fwd_cfg_batch_tflop"] > 0
     assert "| K | s/step | peak GiB | images/s |" in result.stdout
+    # The one-process DDP wrapper (--ddp): gloo on the CPU, the grad steps through DistributedDataParallel.
+    result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "no", "--batch", "2", "--steps", "2", "--ks",
+                         "1", "--iters", "1", "--ddp", "--label", "ddp", "--out", str(tmp_path)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = json.load(open(tmp_path / "bench_ddp.json"))
+    assert ddp["ddp"] and ddp["k"]["1"]["finite"] and ddp["lora_identical_across_ranks"]
     result = run_script(["scripts/benchmark.py", "--tiny", "--out", str(tmp_path)], timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "config.mixed_precision='fp16' needs a CUDA GPU" in result.stderr
