@@ -31,3 +31,14 @@ def test_indivisible_samples_per_epoch():
 def test_non_positive():
     with pytest.raises(BatchPlanError, match="batch_size_per_gpu=0"):
         make_batch_plan(128, 256, 0, 1)
+
+
+def test_two_nodes_of_eight_gpus():
+    """`accelerate launch --num_machines 2 --num_processes 16 ...`: 16 processes, the paper's batch of 128."""
+    plan = make_batch_plan(128, 256, 4, 16)
+    assert (plan.accumulation_steps, plan.steps_per_epoch, plan.samples_per_process_per_epoch) == (2, 2, 16)
+    assert plan.describe().startswith("batch plan: 16 process(es) x 4 per GPU x 2 accumulation = 128 samples")
+    # At 8 per GPU the 16 GPUs take the whole batch in one micro-batch each.
+    assert make_batch_plan(128, 256, 8, 16).accumulation_steps == 1
+    with pytest.raises(BatchPlanError, match=r"config.train.batch_size_per_gpu to one of \[1, 2, 4\]"):
+        make_batch_plan(128, 256, 3, 16)
