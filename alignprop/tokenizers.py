@@ -101,7 +101,7 @@ def _t5_vocab():
     import string
 
     chars = string.ascii_letters + string.digits + string.punctuation
-    pieces = list(T5_SPECIAL) + ["▁"] + [c for c in chars] + ["▁" + c for c in chars] + ["▁" + w for w in T5_WORDS]
+    pieces = [*T5_SPECIAL, "▁", *chars, *("▁" + c for c in chars), *("▁" + w for w in T5_WORDS)]
     return tuple((piece, 0.0 if piece in T5_SPECIAL else -1.0) for piece in pieces)
 
 

@@ -155,7 +155,8 @@ def _sd21(config):
 
 
 def aesthetic_sd35():
-    """The aesthetic experiment on Stable Diffusion 3.5 medium (1024 px, 28 flow-matching steps, CFG 7.0), K ~ U[1, 28]."""
+    """The aesthetic experiment on Stable Diffusion 3.5 medium (1024 px, 28 flow-matching steps, CFG 7.0),
+    K ~ U[1, 28]."""
     config = aesthetic()
     _sd35(config)
     return config

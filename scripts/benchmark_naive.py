@@ -138,7 +138,8 @@ def main(argv):
         print(f"K={text}", json.dumps(row), flush=True)
     with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n| {results['card']} | {config.model.source} | batch {args.batch} | {args.precision} | naive diffusers loop |")
+    print(f"\n| {results['card']} | {config.model.source} | batch {args.batch} | {args.precision} | "
+          f"naive diffusers loop |")
     print("| K | s/step | peak GiB |\n|---|---|---|")
     for k, row in results["k"].items():
         cells = (row["error"], "") if "error" in row else (f"{row['s_per_step_median']:.2f}", f"{row['peak_GiB']:.2f}")

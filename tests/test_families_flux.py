@@ -115,7 +115,8 @@ def reference_grads(flux, c, rollout, detach_first, size):
     def velocity(x, sigma):
         t = torch.full((2,), sigma * 1000, dtype=torch.float32) / 1000
         return c.denoiser(hidden_states=x, timestep=t, guidance=torch.full((2,), GUIDANCE),
-                          pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+                          pooled_projections=cond["pooled_projections"],
+                          encoder_hidden_states=cond["encoder_hidden_states"],
                           txt_ids=torch.zeros(cond["encoder_hidden_states"].shape[1], 3), img_ids=img_ids).sample
 
     sigmas = flux_sigmas(STEPS, (h // 2) * (w // 2))
@@ -196,7 +197,7 @@ def test_config_problems_name_the_keys():
     found = configs.problems(config("config/align_prop.py:tiny_flux", {
         "model.use_t5": False, "sample.guidance_rescale": 0.7, "model.prediction_type": "epsilon"}))
     assert "config.model.use_t5=False: FLUX.1 cannot drop T5 (its only token conditioning); leave it True" in found
-    assert any(p.startswith("config.sample.guidance_rescale=0.7: FLUX.1 has no classifier-free guidance") for p in found)
+    assert any(p.startswith("config.sample.guidance_rescale=0.7: FLUX.1 has no classifier-free") for p in found)
     assert any(p.startswith("config.model.prediction_type='epsilon': FLUX.1 predicts flow velocity") for p in found)
     assert not configs.problems(config("config/align_prop.py:hps_flux"))
     assert not configs.problems(config("config/align_prop.py:pickscore_flux"))

@@ -93,7 +93,8 @@ def tiny(sd3, variant="sd35", dtype=torch.float32, use_t5=True):
 
 
 @pytest.mark.parametrize("variant,size,dtype,use_t5", [
-    ("sd35", None, torch.float32, True), ("sd35", (32, 48), torch.float32, True), ("sd3", (48, 32), torch.float32, True),
+    ("sd35", None, torch.float32, True), ("sd35", (32, 48), torch.float32, True),
+    ("sd3", (48, 32), torch.float32, True),
     ("sd35", (32, 32), torch.float32, False), ("sd35", (48, 32), torch.bfloat16, True),
 ])
 def test_no_grad_rollout_equals_the_pipeline(sd3, variant, size, dtype, use_t5):
@@ -291,3 +292,4 @@ def test_tiny_sd3_run_trains(tmp_path):
     pipe = families.get("sd3").pipeline(tiny_components(families.get("sd3"), "sd35"))
     pipe.load_lora_weights(str(run))
     assert pipe.get_active_adapters() == ["default_0"]
+

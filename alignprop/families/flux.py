@@ -45,7 +45,8 @@ def pack(latents):
 def unpack(latents, h, w):
     """(B, h/2·w/2, 4C) -> (B, C, h, w) for latent sizes h, w: the inverse of `pack`."""
     b, _, channels = latents.shape
-    return latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, h, w)
+    patches = latents.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, h, w)
 
 
 def image_ids(h, w, device, dtype):
@@ -106,7 +107,8 @@ class Flux(Family):
         with seeded(seed, device), flow.fast_init(device):
             transformer = FluxTransformer2DModel(**transformer_config)
             vae = AutoencoderKL(**flow.VAE16_CONFIG, **VAE_FACTORS)
-            encoders = (CLIPTextModel(CLIPTextConfig(**flow.CLIP_L_CONFIG)), T5EncoderModel(T5Config(**flow.T5_XXL_CONFIG)))
+            encoders = (CLIPTextModel(CLIPTextConfig(**flow.CLIP_L_CONFIG)),
+                        T5EncoderModel(T5Config(**flow.T5_XXL_CONFIG)))
         scheduler = FlowMatchEulerDiscreteScheduler(**scheduler_config)
         return flow.FlowComponents(transformer, vae, scheduler, encoders, (clip_tokenizer(), t5_tokenizer()))
 
@@ -173,9 +175,9 @@ class Flux(Family):
         # As the pipeline: the timestep cast to the latents' dtype (bf16 rounds it), then / 1000.
         timestep = timestep.expand(latents.shape[0]).to(latents.dtype) / 1000
         return denoiser(hidden_states=latents, timestep=timestep, guidance=cond.get("guidance"),
-                        pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
-                        txt_ids=cond["txt_ids"], img_ids=cond["img_ids"], joint_attention_kwargs={},
-                        return_dict=False)[0]
+                        pooled_projections=cond["pooled_projections"],
+                        encoder_hidden_states=cond["encoder_hidden_states"], txt_ids=cond["txt_ids"],
+                        img_ids=cond["img_ids"], joint_attention_kwargs={}, return_dict=False)[0]
 
     def schedule(self, components, spec, device):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift

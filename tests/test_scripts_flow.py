@@ -1,5 +1,6 @@
-"""The benchmarks of the flow-matching families: the naive baseline (diffusers' pipeline loop with gradients)
-computes the same LoRA gradients as our rollout, and both benchmark scripts run SD3 and FLUX (slow tier)."""
+"""The scripts with the flow-matching families: the naive baseline (diffusers' pipeline loop with gradients)
+computes the same LoRA gradients as our rollout; both benchmark scripts, generation and the soup evaluation run
+with SD3 and FLUX (slow tier, subprocesses)."""
 
 import importlib.util
 import json
@@ -17,7 +18,8 @@ STEPS = 3
 
 
 def naive_module():
-    spec = importlib.util.spec_from_file_location("benchmark_naive", os.path.join(REPO, "scripts", "benchmark_naive.py"))
+    path = os.path.join(REPO, "scripts", "benchmark_naive.py")
+    spec = importlib.util.spec_from_file_location("benchmark_naive", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -58,7 +60,8 @@ def test_benchmark_scripts_run_the_flow_families(tmp_path, spec):
     result = run_script(["scripts/benchmark_naive.py", *common], timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     naive = json.load(open(tmp_path / "bench_naive.json"))
-    assert set(naive["k"]) == {"1", "3"} and all(r["finite"] and r["s_per_step_median"] > 0 for r in naive["k"].values())
+    assert set(naive["k"]) == {"1", "3"}
+    assert all(r["finite"] and r["s_per_step_median"] > 0 for r in naive["k"].values())
     assert naive["lora_params"] == ours["lora_params"] > 0
     assert "| K | s/step | peak GiB |" in result.stdout
 
@@ -80,3 +83,37 @@ def test_fast_init_builds_every_tower_finite():
         assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in module.parameters())
     buffers = dict(modules[2].named_buffers())  # CLIP's position ids: computed, int64 (no repair needed)
     assert torch.equal(next(v for k, v in buffers.items() if k.endswith("position_ids")), torch.arange(77)[None])
+
+
+@pytest.mark.slow
+def test_generate_and_soup_scripts_with_sd3_loras(tmp_path):
+    """scripts/generate.py (the pipeline, a LoRA mix, seeds) and scripts/evaluate_soup.py (our rollout with two
+    adapters mixed in ΔW space) on tiny SD3.5 LoRAs."""
+    import numpy as np
+    from PIL import Image
+
+    from alignprop import mixing
+
+    sd3, guidance = families.get("sd3"), 7.0
+    paths = []
+    for seed in (1, 2):
+        c = tiny_components(sd3, "sd35")
+        lora_config = lora.add_lora(c.denoiser, 4, 8.0, sd3.lora_targets)
+        randomize_lora(c.denoiser, seed=seed, scale=0.2)
+        paths.append(str(tmp_path / f"lora_{seed}"))
+        lora.save_lora(sd3, c.denoiser, lora_config, paths[-1])
+    tiny = ["--config", "config/align_prop.py:tiny_sd3", "--config.sample.num_steps=2", "--config.train.k_max=2"]
+    result = run_script(["scripts/generate.py", *tiny, "--prompt=a cat", "--prompt=an owl", f"--lora={paths[0]}:0.6",
+                         f"--out={tmp_path / 'out'}", "--seed=3"], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = np.stack([np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")) for i in range(2)])
+    pipe = sd3.pipeline(tiny_components(sd3, "sd35", seed=42))  # the config's seed builds the tiny models
+    pipe.set_progress_bar_config(disable=True)
+    mixing.load_mix(pipe.transformer, sd3, [(paths[0], 0.6)])
+    expected = mixing.generate(pipe, ["a cat", "an owl"], seed=3, num_steps=2, guidance_scale=guidance, batch_size=4)
+    assert np.array_equal(written, np.stack([np.asarray(im) for im in pipe.numpy_to_pil(expected)]))
+    result = run_script(["scripts/evaluate_soup.py", *tiny, f"--lora_a={paths[0]}", f"--lora_b={paths[1]}",
+                         "--coefficients=0,1", f"--out={tmp_path / 'soup'}"], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.load(open(tmp_path / "soup" / "soup.json"))["rows"]
+    assert [r["coefficient"] for r in rows] == [0.0, 1.0] and rows[0]["rewards"] != rows[1]["rewards"]
