@@ -95,7 +95,9 @@ def read_lora(family, path):
 
     file = lora_file(path)
     try:
-        state, _, metadata = family.pipeline_cls().lora_state_dict(file, return_lora_metadata=True)
+        out = family.pipeline_cls().lora_state_dict(file, return_lora_metadata=True)
+        # (state, network alphas, metadata) from the SD/SDXL loaders, (state, metadata) from SD3's and FLUX's.
+        state, metadata = out[0], out[-1]
     except Exception as e:  # safetensors and diffusers raise several types for a corrupt or foreign file
         from alignprop.errors import first_line
 

@@ -91,7 +91,7 @@ def images(rollout, cond, latents, plan, generator=None, penalty=None):
     noisy = torch.cat([rollout.schedule.renoise(last, clean, torch.randn(clean.shape, generator=generator,
                                                                          device=clean.device, dtype=clean.dtype))
                        for _ in range(plan.copies)])
-    repeated = {k: _repeat(v, plan.copies) for k, v in cond.items()}
+    repeated = {k: v if k in rollout.family.unbatched else _repeat(v, plan.copies) for k, v in cond.items()}
     out = rollout.latents(repeated, noisy, (last,), generator, start=last, penalty=penalty)
     return rollout.decode(out)
 

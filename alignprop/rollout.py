@@ -11,7 +11,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from alignprop import sampling
-from alignprop.families.base import expand_cond, guided_denoiser
+from alignprop.families.base import expand_cond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +72,8 @@ class Rollout:
         spec, call, timesteps = self.spec, self.family.denoiser_call, self.schedule.model_timesteps
 
         def denoiser(module, label):
-            guided = guided_denoiser(functools.partial(call, module), cond, negative, spec.guidance_scale,
-                                     spec.guidance_rescale)
+            guided = self.family.guided_denoiser(self.components, functools.partial(call, module), cond, negative,
+                                                 spec)
 
             def denoise(x, i):
                 with record_function(label):

@@ -51,6 +51,50 @@ class DDIMSchedule:
         return alpha.sqrt() * clean + (1 - alpha).sqrt() * noise
 
 
+class FlowMatchSchedule:
+    """The flow-matching Euler sampler (Esser et al. 2024, SD3; FLUX.1) of a `FlowMatchEulerDiscreteScheduler` config.
+
+    The sigmas and timesteps are the scheduler's own after `set_timesteps(num_steps, sigmas=, mu=)` as the
+    family's pipeline calls it (static shift, or the resolution-dependent `mu`); `step` is its Euler update
+    x + (σ[i+1] − σ[i])·v, computed as `FlowMatchEulerDiscreteScheduler.step` computes it (in fp32 from the
+    sample, then cast back to the model output's dtype), without its step counter: stateless, so replays
+    under checkpoint recomputation and concurrent rollouts are safe, and with no host-device sync (the
+    scheduler looks its index up with `.nonzero().item()` on SD3's first step).
+    """
+
+    def __init__(self, scheduler_config, num_steps, device=None, sigmas=None, mu=None):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if scheduler.config.stochastic_sampling:
+            raise ValueError("FlowMatchSchedule: stochastic_sampling=True in the scheduler config is not supported")
+        if sigmas is None:
+            scheduler.set_timesteps(num_steps, device=device, mu=mu)
+        else:  # as diffusers' retrieve_timesteps passes custom sigmas (FLUX)
+            scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        self.sigmas = scheduler.sigmas  # [T + 1] fp32 on `device`, ending at 0
+        self.timesteps = scheduler.timesteps.tolist()  # σ·1000 as floats (logs, tests)
+        self.model_timesteps = list(scheduler.timesteps)  # 0-d fp32 device tensors, as the pipelines iterate them
+        # σ[i+1] − σ[i] as the scheduler's step computes it: a 0-d fp32 tensor on the device.
+        self.dts = [self.sigmas[i + 1] - self.sigmas[i] for i in range(len(self.model_timesteps))]
+
+    def __len__(self):
+        return len(self.model_timesteps)
+
+    def step(self, i, model_output, latents, generator=None):
+        """Latents after step `i` (deterministic: `generator` is unused)."""
+        return (latents.to(torch.float32) + self.dts[i] * model_output).to(model_output.dtype)
+
+    def pred_x0(self, i, model_output, latents):
+        """The clean sample predicted at step `i`: x_σ = (1 − σ)·x0 + σ·noise and v = noise − x0 give x0 = x − σ·v."""
+        return (latents.to(torch.float32) - self.sigmas[i] * model_output).to(model_output.dtype)
+
+    def renoise(self, i, clean, noise):
+        """`clean` moved to the noise level of step `i`: (1 − σ)·x0 + σ·noise."""
+        sigma = self.sigmas[i].to(clean.dtype)
+        return (1 - sigma) * clean + sigma * noise
+
+
 def sample(schedule, latents, nograd_denoise, grad_denoise, grad_steps=(), generator=None, callback=None,
            start=0, stop=None, detach_input=False):
     """Run the steps `start`.. of `schedule` from `latents`; the denoiser outputs of the steps in `grad_steps`

@@ -1,7 +1,8 @@
 """Tokenizers built offline, and the one place prompts are tokenized (with the over-long prompt warning).
 
 The CLIP tokenizer is the real one (49408 tokens), built from the BPE vocabulary file that open_clip_torch
-ships inside its package; real checkpoints bring their own tokenizers, this one serves the tiny and
+ships inside its package; the T5 tokenizer is a tiny hand-written Unigram vocabulary (no package ships
+T5's 32k sentencepiece model). Real checkpoints bring their own tokenizers; these serve the tiny and
 random-weight models.
 """
 
@@ -81,15 +82,48 @@ def tiny_clip_text_config(max_positions=CLIP_MAX_LENGTH, pad_token_id=CLIP_EOS, 
     )
 
 
-def token_ids(tokenizer, prompts, device):
-    """Prompt strings -> input ids [B, max_length], padded and truncated as diffusers' pipelines do.
+# The tiny T5 vocabulary: special tokens first (pad 0, eos 1, unk 2, as T5's), then every printable ASCII
+# character alone and word-initial ("▁x"), then whole words. Hand-written, so the ids are the same in every
+# process (tokenizers' UnigramTrainer gives other ids on each run); every piece scores the same, so the
+# segmentation with the fewest pieces wins (whole words when listed).
+T5_SPECIAL = ("<pad>", "</s>", "<unk>")
+T5_WORDS = (
+    "a an the of in on at with and or to by for from is photo picture painting portrait drawing render image "
+    "close up high quality detailed beautiful cute small big red blue green white black golden old young man "
+    "woman child city street forest mountain river sea sky sunset night garden house room table tree flower "
+    "cat dog owl bird horse cow sheep pig rabbit fox wolf bear lion tiger monkey elephant giraffe zebra deer "
+    "mouse duck chicken fish frog snake turtle koala panda penguin dolphin whale butterfly bee branch"
+).split()
+
+
+@functools.lru_cache(maxsize=1)
+def _t5_vocab():
+    import string
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [*T5_SPECIAL, "▁", *chars, *("▁" + c for c in chars), *("▁" + w for w in T5_WORDS)]
+    return tuple((piece, 0.0 if piece in T5_SPECIAL else -1.0) for piece in pieces)
+
+
+def t5_tokenizer(model_max_length=512):
+    """A tiny T5 tokenizer (T5TokenizerFast over a hand-written Unigram vocabulary), built offline: pad 0,
+    eos 1 ("</s>" appended), unk 2, as T5's; for the tiny and random-weight T5 encoders."""
+    from transformers import T5TokenizerFast
+
+    return T5TokenizerFast(vocab=list(_t5_vocab()), extra_ids=0, model_max_length=model_max_length)
+
+
+def token_ids(tokenizer, prompts, device, max_length=None):
+    """Prompt strings -> input ids [B, max_length], padded and truncated as diffusers' pipelines do
+    (`max_length` default: the tokenizer's; T5 is padded to the pipeline's `max_sequence_length`).
 
     The first truncation of a run is logged (one warning per tokenizer, with the number of dropped tokens).
     """
     prompts = list(prompts)
-    _report_truncation(tokenizer, prompts)
+    max_length = max_length or tokenizer.model_max_length
+    _report_truncation(tokenizer, prompts, max_length)
     return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(device)
 
 
@@ -97,11 +131,10 @@ def token_ids(tokenizer, prompts, device):
 _TRUNCATION_REPORTED = weakref.WeakSet()
 
 
-def _report_truncation(tokenizer, prompts):
+def _report_truncation(tokenizer, prompts, limit):
     """Log once per tokenizer how many tokens the longest over-long prompt of the first such batch loses."""
     if tokenizer in _TRUNCATION_REPORTED:
         return
-    limit = tokenizer.model_max_length
     # verbose=False: no transformers warning of its own about the length (it would come with no count).
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
     over = [(n - limit, prompt) for n, prompt in zip(lengths, prompts) if n > limit]

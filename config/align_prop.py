@@ -4,12 +4,15 @@ Launch (one or many GPUs):
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_hps --config.reward_fn=aesthetic:1,hps:10
+    accelerate launch scripts/train.py --config config/align_prop.py:hps_flux       # FLUX.1-dev (SD3.5: hps_sd35)
 Offline machine: point each reward's weights at local copies, e.g. --config.reward.hps.path=/data/HPS_v2_compressed.pt
 --config.prompt_fn=hps_v2_train:/data/hpdv2_benchmark --config.eval_prompt_fn=hps_v2_eval:/data/hpdv2_benchmark.
 Offline CPU run on tiny random models (seconds):
     python scripts/train.py --config config/align_prop.py:tiny
     python scripts/train.py --config config/align_prop.py:tiny --config.reward_fn=hps        # any reward, or a sum
     python scripts/train.py --config config/align_prop.py:tiny_sd21                      # SD 2.x-shaped, v-prediction
+    python scripts/train.py --config config/align_prop.py:tiny_sd3                       # SD3.5-shaped, flow matching
+    python scripts/train.py --config config/align_prop.py:tiny_flux                      # FLUX.1-dev-shaped
 
 Batch sizes are stated for the whole run (all GPUs); the per-GPU capacity is `train.batch_size_per_gpu`
 and gradient accumulation is derived from the number of processes at start-up.
@@ -187,6 +190,64 @@ def hps_kl():
     return config
 
 
+def aesthetic_sd35():
+    """The aesthetic experiment on Stable Diffusion 3.5 medium (1024 px, 28 flow-matching steps, CFG 7.0),
+    K ~ U[1, 28]."""
+    config = aesthetic()
+    _sd35(config)
+    return config
+
+
+def hps_sd35():
+    """HPSv2 on Stable Diffusion 3.5 medium (1024 px, 28 steps, CFG 7.0), K ~ U[1, 28]."""
+    config = hps()
+    _sd35(config)
+    return config
+
+
+def hps_flux():
+    """HPSv2 on FLUX.1-dev (1024 px, 28 steps, distilled guidance 3.5, no CFG), K ~ U[1, 28]."""
+    config = hps()
+    _flux(config)
+    return config
+
+
+def pickscore_flux():
+    """PickScore on FLUX.1-dev (1024 px, 28 steps, distilled guidance 3.5), K ~ U[1, 28]."""
+    config = pickscore()
+    _flux(config)
+    return config
+
+
+def _flow(config, num_steps=28):
+    # The pipelines' defaults: 28 steps at 1024 px. bf16 for the frozen weights and the reward models (T5
+    # overflows in fp16). One 1024 px sample per GPU, the same effective batch through accumulation. The
+    # text encoders leave the GPU (in CPU memory, each prompt encoded once): T5-XXL is 8.9 GiB. On a 24 GiB
+    # card (SD3.5 medium) use --config.train.truncation=fixed --config.train.k=1.
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = num_steps
+    config.sample.height = config.sample.width = 1024
+    config.sample.eval_batch_size = 2
+    config.train.batch_size_per_gpu = 1
+    config.train.k_min, config.train.k_max = 1, num_steps
+    config.model.offload_text_encoders = True
+    config.model.cache_prompt_embeddings = True
+
+
+def _sd35(config):
+    config.model.family = "sd3"
+    config.model.source = "stabilityai/stable-diffusion-3.5-medium"  # gated: accept the license on the hub
+    config.sample.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    _flow(config)
+
+
+def _flux(config):
+    config.model.family = "flux"
+    config.model.source = "black-forest-labs/FLUX.1-dev"  # gated: accept the license on the hub
+    config.sample.guidance_scale = 3.5  # FluxPipeline's default: the distilled guidance input, not CFG
+    _flow(config)
+
+
 def evaluate():
     """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
     config = aesthetic()
@@ -240,6 +301,30 @@ def tiny_sd21():
     return config
 
 
+def tiny_sd3():
+    """`tiny` with tiny SD3.5-shaped models (MMDiT, CLIP-L + CLIP-G + T5, flow matching, CFG 7.0), the text
+    encoders offloaded and their embeddings cached (as the full-size configs)."""
+    config = tiny()
+    config.logdir = "logs/tiny_sd3"
+    config.model.family, config.model.source = "sd3", "tiny:sd35"
+    config.sample.guidance_scale = 7.0
+    config.model.offload_text_encoders = config.model.cache_prompt_embeddings = True
+    return config
+
+
+def tiny_flux():
+    """`tiny` with tiny FLUX.1-dev-shaped models (packed latents, distilled guidance 3.5, no CFG), the text
+    encoders offloaded and their embeddings cached."""
+    config = tiny()
+    config.logdir = "logs/tiny_flux"
+    config.model.family, config.model.source = "flux", "tiny:dev"
+    config.sample.guidance_scale = 3.5
+    # FLUX's native size is the pipeline's fixed 128 latent pixels (256 px with the tiny VAE): 32 px here.
+    config.sample.height = config.sample.width = 32
+    config.model.offload_text_encoders = config.model.cache_prompt_embeddings = True
+    return config
+
+
 EXPERIMENTS = {
     "aesthetic": aesthetic,
     "aesthetic_k1": aesthetic_k1,
@@ -258,9 +343,15 @@ EXPERIMENTS = {
     "aesthetic_refl": aesthetic_refl,
     "aesthetic_drtune": aesthetic_drtune,
     "hps_kl": hps_kl,
+    "aesthetic_sd35": aesthetic_sd35,
+    "hps_sd35": hps_sd35,
+    "hps_flux": hps_flux,
+    "pickscore_flux": pickscore_flux,
     "evaluate": evaluate,
     "tiny": tiny,
     "tiny_sd21": tiny_sd21,
+    "tiny_sd3": tiny_sd3,
+    "tiny_flux": tiny_flux,
 }
 
 

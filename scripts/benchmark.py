@@ -1,12 +1,16 @@
 """Seconds per training step and peak memory of alignprop at full size with random weights (nothing downloaded).
 
 Runs the real training step (`alignprop.training.train_step`) on the config's model built at full size
-with random weights (default: SD 1.5, `random:sd15`) and the aesthetic reward on a CLIP ViT-L/14-sized
-tower, for several K, and prints one JSON and a markdown table with the card, batch, K, s/step, peak
-memory and the denoiser's TFLOP/s. Run the peer script in the same command for ratios on the same card:
+with random weights (the family's first random size unless `--config.model.source` says otherwise: SD 1.5's
+`random:sd15` for the default config, `random:sd35m` for sd3, `random:flux-dev` for flux) and the aesthetic
+reward on a CLIP ViT-L/14-sized tower, for several K, and prints one JSON and a markdown table with the
+card, batch, K, s/step, peak memory and the denoiser's TFLOP/s. Run the peer script (or the naive diffusers
+loop, scripts/benchmark_naive.py) in the same command for ratios on the same card:
 
     python scripts/benchmark.py --batch 4 --ks 1,10,50,uniform --out $OUT
     python scripts/benchmark.py --batch 4 --ks 1 --config.speed.checkpoint_blocks=False   # one option off
+    python scripts/benchmark.py --config config/align_prop.py:hps_flux --precision bf16 --steps 28 --batch 1 \
+        --ks 1,4 --config.reward.hps.path=random --out $OUT                           # FLUX.1-dev-sized, HPS-sized
     python scripts/benchmark.py --tiny --batch 2 --steps 4 --ks 1 --iters 1 --precision no  # CPU smoke test
 """
 
@@ -40,6 +44,8 @@ def parser():
     ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
                     help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
                          "compiled vs eager")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the card's dense peak TFLOP/s in the precision (H100/H200 SXM bf16: 989) for the fraction")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     return ap
 
@@ -151,29 +157,33 @@ def profile_step(trainer, path):
 
 
 def denoiser_throughput(trainer, batch):
-    """Seconds and TFLOP of one no-grad denoiser call on the CFG batch, through the compiled graph of the
-    no-grad steps (the same shapes, dtype and grad mode: no new compilation)."""
+    """Seconds and TFLOP of one no-grad guided denoiser call (the CFG batch, or the batch alone for a family
+    without CFG), through the compiled graph of the no-grad steps (the same shapes, dtype and grad mode: no
+    new compilation)."""
+    import functools
+
     from torch.utils.flop_counter import FlopCounterMode
+
+    from alignprop.families.base import expand_cond
 
     rollout = trainer.rollout
     cond = rollout.encode(["a photo of a cat"] * batch)
     latents = rollout.initial_latents(batch, torch.Generator(rollout.device).manual_seed(0))
-    from alignprop.families.base import concat_cond, expand_cond
-
-    both = concat_cond(expand_cond(rollout.negative, batch), cond)
-    x, t = torch.cat([latents, latents]), rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
-    call, module = rollout.family.denoiser_call, rollout.prepared.denoiser
+    negative = None if rollout.negative is None else expand_cond(rollout.negative, batch)
+    call = functools.partial(rollout.family.denoiser_call, rollout.prepared.denoiser)
+    guided = rollout.family.guided_denoiser(rollout.components, call, cond, negative, rollout.spec)
+    t = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
     with torch.no_grad(), trainer.accelerator.autocast():
         for _ in range(3):
-            call(module, x, t, both)
+            guided(latents, t)
         sync()
         start = time.perf_counter()
         for _ in range(10):
-            call(module, x, t, both)
+            guided(latents, t)
         sync()
         seconds = (time.perf_counter() - start) / 10
         with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-            call(module, x, t, both)
+            guided(latents, t)
     return seconds, counter.get_total_flops() / 1e12
 
 
@@ -194,11 +204,17 @@ def main(argv):
     config.sample.num_steps = args.steps
     config.train.batch_size_per_gpu = config.train.total_batch_size = config.train.total_samples_per_epoch = args.batch
     config.train.truncation, config.train.k = "fixed", 1  # each K of --ks is set on the trainer below
-    # Full-size architectures with random weights (the compute and memory of the real run), or tiny models.
-    config.model.source, config.reward.aesthetic.clip_model = ("tiny",) * 2 if args.tiny else ("random:sd15", "random")
     try:
         for key, value in overrides.items():
             configs.override(config, key, value)
+        # Unless given: the family's full-size architecture with random weights (the compute and memory of the
+        # real run; its first random size, SD 1.5 for sd), or tiny models, and a random or tiny reward tower.
+        family = families.get(config.model.family)
+        random_size = "random:" + next(iter(family.random_variants))
+        for key, value in (("model.source", "tiny" if args.tiny else random_size),
+                           ("reward.aesthetic.clip_model", "tiny" if args.tiny else "random")):
+            if key not in overrides:
+                configs.override(config, key, value)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
         speed.check_precision(config.mixed_precision, accelerator.device)
         n = accelerator.num_processes
@@ -294,16 +310,16 @@ def main(argv):
     if not accelerator.is_main_process:
         return
     seconds, tflop = denoiser_throughput(trainer, args.batch)
-    results.update(
-        denoiser_fwd_cfg_batch_s=seconds, denoiser_fwd_cfg_batch_tflop=tflop, denoiser_fwd_tflops_per_s=tflop / seconds
-    )
+    results.update(denoiser_fwd_cfg_batch_s=seconds, denoiser_fwd_cfg_batch_tflop=tflop,
+                   denoiser_fwd_tflops_per_s=tflop / seconds,
+                   peak_fraction=tflop / seconds / args.peak_tflops if args.peak_tflops else None)
     print(json.dumps(results, indent=1), flush=True)
     with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\n| {card} | {config.model.source} | batch {args.batch} | {args.precision} | {overrides or ''} |")
-    print(
-        f"denoiser forward on the CFG batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, {tflop / seconds:.0f} TFLOP/s"
-    )
+    peak = f" = {results['peak_fraction']:.0%} of {args.peak_tflops:g}" if args.peak_tflops else ""
+    print(f"denoiser forward on the guided batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
+          f"{tflop / seconds:.0f} TFLOP/s{peak}")
     print("| K | s/step | peak GiB | images/s |\n|---|---|---|---|")
     for k, row in results["k"].items():
         if "error" in row:

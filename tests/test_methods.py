@@ -251,3 +251,40 @@ def test_bad_method_settings_name_their_key(overrides, needle):
 
     found = "\n".join(configs.problems(config(overrides=overrides)))
     assert needle in found, found
+
+
+@pytest.mark.parametrize("family,variant", [("flux", "dev"), ("sd3", "sd35")])
+@pytest.mark.parametrize("plan", [Plan((3,), stop=3), Plan((0, 2), stop=3, detach_input=True), Plan((), copies=2),
+                                  Plan((4, 5))], ids=["refl", "drtune", "draft_lv", "alignprop"])
+def test_every_method_runs_on_the_flow_families(family, variant, plan):
+    """The same plans through FLUX's packed latents (its position ids are not batched) and SD3's CFG."""
+    from alignprop import families
+    from alignprop.lora import add_lora
+    from helpers import randomize_lora, tiny_components
+
+    fam = families.get(family)
+    components = tiny_components(fam, variant)
+    add_lora(components.denoiser, 4, 4.0, fam.lora_targets)
+    randomize_lora(components.denoiser)
+    rollout = Rollout(fam, components, SampleSpec(T, 3.5), Prepared(components.denoiser, components.vae),
+                      components.denoiser)
+    cond, latents = inputs(rollout)
+    penalty = []
+    images = methods.images(rollout, cond, latents, plan, torch.Generator().manual_seed(5), penalty)
+    assert images.shape[0] == (plan.copies or 1) * len(PROMPTS) and torch.isfinite(images).all()
+    grads = lora_grads(components.denoiser, fixed_reward(images).sum() + torch.cat(penalty).mean())
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+    assert len(penalty) == (1 if plan.copies else len(plan.grad_steps))
+
+
+def test_flow_clean_sample_prediction_and_renoise():
+    from alignprop.sampling import FlowMatchSchedule
+
+    schedule = FlowMatchSchedule({"num_train_timesteps": 1000, "shift": 3.0}, 4)
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    for i in range(4):
+        sigma = float(schedule.sigmas[i])
+        torch.testing.assert_close(schedule.pred_x0(i, v, x), x - sigma * v)
+        torch.testing.assert_close(schedule.renoise(i, x, v), (1 - sigma) * x + sigma * v)
+    # One Euler step to sigma = 0 from the last step lands on the predicted clean sample.
+    torch.testing.assert_close(schedule.step(3, v, x), schedule.pred_x0(3, v, x))

@@ -13,6 +13,8 @@ __all__ = ["FAMILIES", "Components", "Family", "Source", "get", "load_frozen", "
 # name -> "module:class"; imported when used.
 FAMILIES = {
     "sd": "alignprop.families.sd:StableDiffusion",
+    "sd3": "alignprop.families.sd3:StableDiffusion3",
+    "flux": "alignprop.families.flux:Flux",
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -60,4 +62,4 @@ def problems(config):
                 f"config.sample.{key}={value!r}: must be a positive multiple of {step} pixels ({family.description}'s "
                 f"size factor), e.g. {lower} or {lower + step}; unset, it is the model's native size"
             )
-    return out
+    return out + family.problems(config)

@@ -82,6 +82,8 @@ class Family:
     # Image sizes must be multiples of this (the VAE's factor of every published checkpoint of the family;
     # checked again against the loaded VAE).
     size_multiple = 8
+    # Conditioning entries that are not batched (one for every sample, e.g. FLUX's position ids).
+    unbatched = ()
     # Sources that build models instead of loading them: name -> what it is (the first is the default).
     tiny_variants = {}
     random_variants = {}
@@ -156,6 +158,11 @@ class Family:
         """One call of the denoiser on a batch: its raw prediction."""
         raise NotImplementedError
 
+    def guided_denoiser(self, components, call, cond, negative, spec):
+        """(latents, timestep) -> the guided prediction of `call(latents, timestep, cond)`: classifier-free
+        guidance with `spec`'s scale and rescale (a family with distilled guidance overrides this)."""
+        return guided_denoiser(call, cond, negative, spec.guidance_scale, spec.guidance_rescale)
+
     def schedule(self, components, spec, device):
         raise NotImplementedError
 
@@ -188,6 +195,10 @@ class Family:
     def pipeline(self, components):
         """A diffusers pipeline of these components (generation, and the references of the tests)."""
         raise NotImplementedError
+
+    def problems(self, config):
+        """Start-up checks of the config keys only this family reads or forbids (each `config.<key>=<value>: ...`)."""
+        return []
 
 
 def concat_cond(a, b):
