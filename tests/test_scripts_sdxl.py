@@ -50,7 +50,8 @@ def test_generate_with_sdxl_loras_and_the_fused_export(tmp_path):
     out, fused = tmp_path / "out", tmp_path / "fused"
     texts = ["a photo of a cat", "an owl"]
     result = run_script(["scripts/generate.py", "--config", TINY_SDXL, "--config.seed=0",
-                         *(f"--prompt={t}" for t in texts), f"--lora={lora_a}:0.5", f"--lora={lora_b}:0.3", f"--out={out}", f"--fuse={fused}", "--seed=5",
+                         *(f"--prompt={t}" for t in texts), f"--lora={lora_a}:0.5", f"--lora={lora_b}:0.3",
+                         f"--out={out}", f"--fuse={fused}", "--seed=5",
                          "--config.sample.num_steps=3", "--config.sample.width=48"], timeout=300, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr[-4000:]
     written = np.stack([np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(2)])
