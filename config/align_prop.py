@@ -186,9 +186,11 @@ def _sdxl(config):
     config.sample.num_steps = 50
     config.sample.guidance_scale = 5.0
     config.sample.eval_batch_size = 4
-    # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (what fits in 20 GiB at K=1), the paper's effective
-    # batch of 128 through accumulation. The checkpoint plan for that memory (README, "Memory"): every grad
-    # step's UNet call and its blocks recomputed, the VAE decoder recomputed per image and per block.
+    # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (a 24 GB card), the paper's effective batch of 128
+    # through accumulation. The checkpoint plan: every grad step's UNet call and its blocks recomputed (the last
+    # one too: its kept block inputs would be 0.9 GiB per sample), the VAE decoder recomputed per image and per
+    # block. Estimated peak (bf16, counted without a GPU, so an estimate): 13.2 GiB at batch 1 or 4, any K
+    # (7.05 GiB of weights + the backward of the decoder's largest block, 6.1 GiB); 15.3 at batch 8.
     config.train.batch_size_per_gpu = 1
     config.speed.uncheckpointed_steps = 0
     config.speed.checkpoint_blocks = True
