@@ -5,12 +5,13 @@ BENCHMARKS.md and checked against plain autograd in the tests:
 - the merged LoRA forward (`kernels.merge_lora_forward`; peft's side branch doubles the UNet forward);
 - `torch.compile` of the denoiser, for the steps with and without gradients, and of the VAE decoder;
 - the checkpoint plan: each grad step's denoiser call recomputed in backward (but the last
-  `uncheckpointed_steps`), block checkpointing inside it, the decoder run and recomputed in chunks,
-  optionally the reward model recomputed;
+  `uncheckpointed_steps`), block checkpointing inside it, the decoder run and recomputed in chunks (and
+  block checkpointing inside it), optionally the reward model recomputed;
 - the reward towers' patch embeddings as matrix products (`kernels.use_patch_matmuls`);
 - TF32 and cuDNN's algorithm search.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -96,13 +97,19 @@ class Prepared:
         return step
 
     def decode(self, vae_input):
-        """VAE decoder output in [-1, 1] of VAE-ready latents, in chunks, each recomputed in backward if asked."""
+        """VAE decoder output in [-1, 1] of VAE-ready latents, in chunks, each recomputed in backward if asked.
+
+        The decoder runs in the VAE's own dtype: a VAE kept in fp32 under fp16 autocast (SDXL's, which
+        overflows in fp16) runs with autocast off; one in the autocast dtype runs as before."""
 
         def decode(z):
             return self.vae.decode(z, return_dict=False)[0]
 
         chunks = vae_input.split(self.decode_chunk or len(vae_input))
-        with record_function("alignprop.decode"):
+        device = vae_input.device.type
+        own_dtype = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != self.vae.dtype
+        autocast_off = torch.autocast(device, enabled=False) if own_dtype else contextlib.nullcontext()
+        with record_function("alignprop.decode"), autocast_off:
             if self.checkpoint_decode and torch.is_grad_enabled():
                 return torch.cat([checkpoint(decode, z, use_reentrant=False) for z in chunks])
             return torch.cat([decode(z) for z in chunks])
@@ -121,6 +128,8 @@ def prepare(components, speed, backend="inductor"):
     kernels.merge_lora_forward(denoiser)
     if speed.checkpoint_blocks:
         denoiser.enable_gradient_checkpointing()
+    if speed.checkpoint_vae_blocks:
+        components.vae.enable_gradient_checkpointing()
     compiled = speed.compile
     if compiled and next(denoiser.parameters()).device.type == "cpu" and backend == "inductor":
         logger.info("torch.compile skipped on the CPU (config.speed.compile)")

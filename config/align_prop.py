@@ -5,6 +5,8 @@ Launch (one or many GPUs):
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_k1 --config.train.learning_rate=5e-4
     accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_hps --config.reward_fn=aesthetic:1,hps:10
     accelerate launch scripts/train.py --config config/align_prop.py:hps_flux       # FLUX.1-dev (SD3.5: hps_sd35)
+    accelerate launch scripts/train.py --config config/align_prop.py:aesthetic_sdxl_k1 --config.sample.width=1344 \
+        --config.sample.height=768                                    # SDXL at one of its training aspect ratios
 Offline machine: point each reward's weights at local copies, e.g. --config.reward.hps.path=/data/HPS_v2_compressed.pt
 --config.prompt_fn=hps_v2_train:/data/hpdv2_benchmark --config.eval_prompt_fn=hps_v2_eval:/data/hpdv2_benchmark.
 Offline CPU run on tiny random models (seconds):
@@ -13,6 +15,7 @@ Offline CPU run on tiny random models (seconds):
     python scripts/train.py --config config/align_prop.py:tiny_sd21                      # SD 2.x-shaped, v-prediction
     python scripts/train.py --config config/align_prop.py:tiny_sd3                       # SD3.5-shaped, flow matching
     python scripts/train.py --config config/align_prop.py:tiny_flux                      # FLUX.1-dev-shaped
+    python scripts/train.py --config config/align_prop.py:tiny_sdxl                      # SDXL-shaped
 
 Batch sizes are stated for the whole run (all GPUs); the per-GPU capacity is `train.batch_size_per_gpu`
 and gradient accumulation is derived from the number of processes at start-up.
@@ -248,6 +251,51 @@ def _flux(config):
     _flow(config)
 
 
+def aesthetic_sdxl():
+    """The aesthetic experiment on SDXL base 1.0 (1024 px), K ~ U[1, 50], effective batch 128."""
+    config = aesthetic()
+    _sdxl(config)
+    return config
+
+
+def aesthetic_sdxl_k1():
+    """Aesthetic on SDXL with K=1: the low-memory mode (batch 1 fits a 24 GB card)."""
+    config = aesthetic_sdxl()
+    config.train.truncation = "fixed"
+    config.train.k = 1
+    return config
+
+
+def hps_sdxl():
+    """HPSv2 on SDXL base 1.0 (1024 px), K ~ U[1, 50]."""
+    config = hps()
+    _sdxl(config)
+    return config
+
+
+def _sdxl(config):
+    # The pipeline's defaults: 1024 px (the model's native size; any other multiple of 8 with
+    # --config.sample.height/width), 50 steps, guidance 5.0. bf16: SDXL's VAE overflows in fp16 (under fp16 it
+    # is kept in fp32, or use --config.model.vae=madebyollin/sdxl-vae-fp16-fix).
+    config.model.family = "sdxl"
+    config.model.source = "stabilityai/stable-diffusion-xl-base-1.0"
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = 50
+    config.sample.guidance_scale = 5.0
+    config.sample.eval_batch_size = 4
+    # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (a 24 GB card), the paper's effective batch of 128
+    # through accumulation. The checkpoint plan: every grad step's UNet call and its blocks recomputed (the last
+    # one too: its kept block inputs would be 0.9 GiB per sample), the VAE decoder recomputed per image and per
+    # block. Estimated peak (bf16, counted without a GPU, so an estimate): 13.2 GiB at batch 1 or 4, any K
+    # (7.05 GiB of weights + the backward of the decoder's largest block, 6.1 GiB); 15.3 at batch 8.
+    config.train.batch_size_per_gpu = 1
+    config.speed.uncheckpointed_steps = 0
+    config.speed.checkpoint_blocks = True
+    config.speed.decode_chunk = 1
+    config.speed.checkpoint_decode = True
+    config.speed.checkpoint_vae_blocks = True
+
+
 def evaluate():
     """Evaluation only: load a checkpoint (`resume_from`) or none, evaluate on unseen prompts, write eval.json."""
     config = aesthetic()
@@ -325,6 +373,19 @@ def tiny_flux():
     return config
 
 
+def tiny_sdxl():
+    """`tiny` with tiny SDXL-shaped models (two text encoders, micro-conditioning, zero negatives)."""
+    config = tiny()
+    config.logdir = "logs/tiny_sdxl"
+    config.model.family = "sdxl"
+    config.model.source = "tiny:sdxl"
+    config.sample.guidance_scale = 5.0
+    # The SDXL configs' checkpoint plan, so that the tiny run goes through it.
+    config.speed.uncheckpointed_steps = 0
+    config.speed.checkpoint_vae_blocks = True
+    return config
+
+
 EXPERIMENTS = {
     "aesthetic": aesthetic,
     "aesthetic_k1": aesthetic_k1,
@@ -352,6 +413,10 @@ EXPERIMENTS = {
     "tiny_sd21": tiny_sd21,
     "tiny_sd3": tiny_sd3,
     "tiny_flux": tiny_flux,
+    "aesthetic_sdxl": aesthetic_sdxl,
+    "aesthetic_sdxl_k1": aesthetic_sdxl_k1,
+    "hps_sdxl": hps_sdxl,
+    "tiny_sdxl": tiny_sdxl,
 }
 
 

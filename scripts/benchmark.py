@@ -1,14 +1,17 @@
 """Seconds per training step and peak memory of alignprop at full size with random weights (nothing downloaded).
 
-Runs the real training step (`alignprop.training.train_step`) on the config's model built at full size
-with random weights (the family's first random size unless `--config.model.source` says otherwise: SD 1.5's
-`random:sd15` for the default config, `random:sd35m` for sd3, `random:flux-dev` for flux) and the aesthetic
-reward on a CLIP ViT-L/14-sized tower, for several K, and prints one JSON and a markdown table with the
-card, batch, K, s/step, peak memory and the denoiser's TFLOP/s. Run the peer script (or the naive diffusers
-loop, scripts/benchmark_naive.py) in the same command for ratios on the same card:
+Runs the real training step (`alignprop.training.train_step`) on the config's model family built at full
+size with random weights (the family's first random size unless `--config.model.source` says otherwise: SD 1.5
+for the default config, `random:sdxl` for the SDXL configs, `random:sd35m` for sd3, `random:flux-dev` for flux)
+and the aesthetic reward on a CLIP ViT-L/14-sized tower, for several K, and prints one JSON and a markdown table
+with the card, batch, K, s/step, peak memory and the denoiser's TFLOP/s (and its fraction of the card's bf16
+peak). The precision, image size and checkpoint plan are the config's. Run the peer script (or the naive
+diffusers loops, scripts/naive_sdxl.py and scripts/benchmark_naive.py) in the same command for ratios on the
+same card:
 
     python scripts/benchmark.py --batch 4 --ks 1,10,50,uniform --out $OUT
     python scripts/benchmark.py --batch 4 --ks 1 --config.speed.checkpoint_blocks=False   # one option off
+    python scripts/benchmark.py --config config/align_prop.py:aesthetic_sdxl --batch 1 --ks 1,10 --out $OUT
     python scripts/benchmark.py --config config/align_prop.py:hps_flux --precision bf16 --steps 28 --batch 1 \
         --ks 1,4 --config.reward.hps.path=random --out $OUT                           # FLUX.1-dev-sized, HPS-sized
     python scripts/benchmark.py --tiny --batch 2 --steps 4 --ks 1 --iters 1 --precision no  # CPU smoke test
@@ -33,7 +36,8 @@ def parser():
                     help="samples per optimizer step over all processes (default: batch x processes)")
     ap.add_argument("--iters", type=int, default=3,
                     help="timed steps per K after one warm-up step (0: time the warm-up step itself)")
-    ap.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "no"])
+    ap.add_argument("--precision", default=None, choices=["fp16", "bf16", "no"],
+                    help="default: the config's mixed_precision (fp16 for SD, bf16 for SDXL)")
     ap.add_argument("--label", default="alignprop")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (a CPU smoke test of this script)")
     ap.add_argument("--profile", action="store_true",
@@ -44,10 +48,30 @@ def parser():
     ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
                     help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
                          "compiled vs eager")
-    ap.add_argument("--peak-tflops", type=float, default=0.0,
-                    help="the card's dense peak TFLOP/s in the precision (H100/H200 SXM bf16: 989) for the fraction")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's dense bf16 peak TFLOP/s (default: known for H100/H200/A100, else not reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     return ap
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) of the SXM cards, from NVIDIA's data sheets.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def bf16_peak(card, given):
+    return given or next((v for name, v in BF16_PEAK_TFLOPS.items() if name in card), None)
+
+
+def full_size_defaults(config, args, overrides):
+    """The benchmark's models, unless overridden: the family's full-size architecture with random weights
+    (its first random size) and a CLIP ViT-L/14-sized aesthetic tower, or tiny models with --tiny."""
+    from alignprop import families
+
+    if "model.source" not in overrides:
+        family = families.get(config.model.family)
+        config.model.source = "tiny" if args.tiny else f"random:{next(iter(family.random_variants))}"
+    if "reward.aesthetic.clip_model" not in overrides:
+        config.reward.aesthetic.clip_model = "tiny" if args.tiny else "random"
 
 
 def sync():
@@ -200,21 +224,15 @@ def main(argv):
     from alignprop.errors import UserError
 
     config = configs.load(spec)
-    config.mixed_precision = args.precision
+    config.mixed_precision = args.precision or config.mixed_precision
     config.sample.num_steps = args.steps
     config.train.batch_size_per_gpu = config.train.total_batch_size = config.train.total_samples_per_epoch = args.batch
     config.train.truncation, config.train.k = "fixed", 1  # each K of --ks is set on the trainer below
     try:
         for key, value in overrides.items():
             configs.override(config, key, value)
-        # Unless given: the family's full-size architecture with random weights (the compute and memory of the
-        # real run; its first random size, SD 1.5 for sd), or tiny models, and a random or tiny reward tower.
-        family = families.get(config.model.family)
-        random_size = "random:" + next(iter(family.random_variants))
-        for key, value in (("model.source", "tiny" if args.tiny else random_size),
-                           ("reward.aesthetic.clip_model", "tiny" if args.tiny else "random")):
-            if key not in overrides:
-                configs.override(config, key, value)
+        # Full-size architectures with random weights (the compute and memory of the real run), or tiny models.
+        full_size_defaults(config, args, overrides)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
         speed.check_precision(config.mixed_precision, accelerator.device)
         n = accelerator.num_processes
@@ -227,7 +245,7 @@ def main(argv):
     device = accelerator.device
     components = families.load_frozen(settings.family, settings.source, config, device)
     reward_fn = rewards.build(
-        settings.reward, config.reward, config.seed, device, speed.inference_dtype(args.precision)
+        settings.reward, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision)
     )
     trainer, _ = training.make_trainer(config, settings, accelerator, components, reward_fn)
     if args.ddp:
@@ -237,10 +255,13 @@ def main(argv):
     results = {
         "label": args.label,
         "card": card,
-        "precision": args.precision,
+        "precision": config.mixed_precision,
         "batch": args.batch,
         "steps": args.steps,
         "model": config.model.source,
+        "family": config.model.family,
+        "size": [trainer.rollout.height, trainer.rollout.width],
+        "vae_dtype": str(components.vae.dtype).removeprefix("torch."),
         "processes": n,
         "ddp": args.ddp or n > 1,
         "accumulation": settings.plan.accumulation_steps,
@@ -310,16 +331,20 @@ def main(argv):
     if not accelerator.is_main_process:
         return
     seconds, tflop = denoiser_throughput(trainer, args.batch)
-    results.update(denoiser_fwd_cfg_batch_s=seconds, denoiser_fwd_cfg_batch_tflop=tflop,
-                   denoiser_fwd_tflops_per_s=tflop / seconds,
-                   peak_fraction=tflop / seconds / args.peak_tflops if args.peak_tflops else None)
+    peak = bf16_peak(card, args.peak_tflops)
+    results.update(
+        denoiser_fwd_cfg_batch_s=seconds, denoiser_fwd_cfg_batch_tflop=tflop, denoiser_fwd_tflops_per_s=tflop / seconds,
+        card_bf16_peak_tflops=peak, denoiser_fwd_fraction_of_peak=peak and tflop / seconds / peak,
+    )
     print(json.dumps(results, indent=1), flush=True)
     with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n| {card} | {config.model.source} | batch {args.batch} | {args.precision} | {overrides or ''} |")
-    peak = f" = {results['peak_fraction']:.0%} of {args.peak_tflops:g}" if args.peak_tflops else ""
-    print(f"denoiser forward on the guided batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
-          f"{tflop / seconds:.0f} TFLOP/s{peak}")
+    size = "x".join(map(str, results["size"]))
+    print(f"\n| {card} | {config.model.source} {size} | batch {args.batch} | {config.mixed_precision} | "
+          f"{overrides or ''} |")
+    of_peak = f" ({tflop / seconds / peak:.0%} of the card's bf16 peak {peak:.0f})" if peak else ""
+    print(f"denoiser forward on the CFG batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
+          f"{tflop / seconds:.0f} TFLOP/s{of_peak}")
     print("| K | s/step | peak GiB | images/s |\n|---|---|---|---|")
     for k, row in results["k"].items():
         if "error" in row:

@@ -12,13 +12,13 @@ TINY = os.path.join("config", "align_prop.py") + ":tiny"
 SD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def tiny_components(family=None, variant="sd1", seed=0, dtype=torch.float32):
-    """Tiny components of `family` (default SD), frozen and cast on the CPU."""
+def tiny_components(family=None, variant=None, seed=0, dtype=torch.float32):
+    """Tiny components of `family` (default SD; `variant` default the family's first), frozen and cast on the CPU."""
     from alignprop import families
     from alignprop.families import Source
 
     family = family or families.get("sd")
-    components = family.load(Source("tiny", variant), seed=seed)
+    components = family.load(Source("tiny", variant or next(iter(family.tiny_variants))), seed=seed)
     family.freeze_and_cast(components, torch.device("cpu"), dtype)
     return components
 

@@ -4,6 +4,7 @@ Adding a family is one module here (a `Family` subclass, see `base.py`) and one 
 """
 
 import importlib
+import os
 
 from alignprop.errors import ConfigError
 from alignprop.families.base import Components, Family, Source, parse_source
@@ -13,10 +14,13 @@ __all__ = ["FAMILIES", "Components", "Family", "Source", "get", "load_frozen", "
 # name -> "module:class"; imported when used.
 FAMILIES = {
     "sd": "alignprop.families.sd:StableDiffusion",
+    "sdxl": "alignprop.families.sdxl:StableDiffusionXL",
     "sd3": "alignprop.families.sd3:StableDiffusion3",
     "flux": "alignprop.families.flux:Flux",
 }
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# config.model.vae_dtype -> the VAE's dtype ("auto": the family's pipeline's choice for the inference dtype).
+VAE_DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def get(name, key="config.model.family"):
@@ -37,8 +41,12 @@ def load_frozen(family, source, config, device):
     """The config's model, frozen and cast to its inference dtype on `device` (tiny and random ones built there)."""
     from alignprop.speed import inference_dtype
 
+    import torch
+
     components = family.load(source, config.model, config.seed, device)
-    family.freeze_and_cast(components, device, inference_dtype(config.mixed_precision))
+    vae_dtype = VAE_DTYPES[config.model.vae_dtype]
+    family.freeze_and_cast(components, device, inference_dtype(config.mixed_precision),
+                           vae_dtype=vae_dtype and getattr(torch, vae_dtype))
     return components
 
 
@@ -53,6 +61,14 @@ def problems(config):
     if m.prediction_type and m.prediction_type not in PREDICTION_TYPES:
         out.append(f"config.model.prediction_type={m.prediction_type!r}: must be one of {', '.join(PREDICTION_TYPES)} "
                    f"(unset: the checkpoint's scheduler config)")
+    if m.vae_dtype not in VAE_DTYPES:
+        out.append(f"config.model.vae_dtype={m.vae_dtype!r}: must be one of {', '.join(VAE_DTYPES)} (auto: as the "
+                   f"family's pipeline decodes, e.g. SDXL's VAE in fp32 under fp16)")
+    if not isinstance(m.vae, str):
+        out.append(f"config.model.vae={m.vae!r}: must be a hub id or a local folder (\"\": the checkpoint's VAE)")
+    elif m.vae.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(m.vae)):
+        out.append(f"config.model.vae={m.vae!r}: no such folder (a hub id looks like 'org/name'; \"\": the "
+                   f"checkpoint's VAE)")
     step = family.size_multiple
     for key in ("height", "width"):
         value = s[key]

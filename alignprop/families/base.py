@@ -24,6 +24,9 @@ class Components:
     scheduler: object  # the checkpoint's scheduler (a family builds its sampling schedule from its config)
     text_encoders: tuple
     tokenizers: tuple
+    # Pipeline-level settings of the checkpoint that the family reads (model_index.json's extra fields, e.g.
+    # SDXL's force_zeros_for_empty_prompt).
+    pipeline_config: dict = dataclasses.field(default_factory=dict)
 
     def modules(self):
         return (self.denoiser, self.vae, *self.text_encoders)
@@ -87,16 +90,27 @@ class Family:
     # Sources that build models instead of loading them: name -> what it is (the first is the default).
     tiny_variants = {}
     random_variants = {}
+    # An original (non-diffusers) single-file checkpoint: the prefix of its denoiser's keys, and (prefix, what
+    # it is) of other keys it must have, which tell this family's files from another family's.
+    single_file_prefix = ""
+    single_file_keys = ()
 
     # ---- loading ----
     def load(self, source, options=None, seed=0, device=None):
         """Components from a parsed Source; `options`: `config.model`. Tiny and random models are built with
         seeded weights (random ones on `device`); the others are loaded on the CPU."""
         if source.kind == "tiny":
-            return self.build_tiny(source.name, seed)
-        if source.kind == "random":
-            return self.build_random(source.name, seed, device)
-        return self.load_pretrained(source, options)
+            components = self.build_tiny(source.name, seed)
+        elif source.kind == "random":
+            components = self.build_random(source.name, seed, device)
+        else:
+            components = self.load_pretrained(source, options)
+        vae = options.get("vae") if options is not None else None
+        if vae:  # another VAE in place of the checkpoint's (e.g. an fp16-safe one)
+            from alignprop.families.loading import load_vae
+
+            components.vae = load_vae(vae, components)
+        return components
 
     def build_tiny(self, variant, seed):
         raise NotImplementedError
@@ -107,12 +121,18 @@ class Family:
     def load_pretrained(self, source, options=None):
         raise NotImplementedError
 
-    def freeze_and_cast(self, components, device, dtype):
-        """Freeze every weight, eval mode, move to `device` in the inference dtype."""
+    def freeze_and_cast(self, components, device, dtype, vae_dtype=None):
+        """Freeze every weight, eval mode, move to `device` in the inference dtype (the VAE in `vae_dtype`,
+        default `vae_dtype(components, dtype)`)."""
+        vae_dtype = vae_dtype or self.vae_dtype(components, dtype)
         for module in components.modules():
             module.requires_grad_(False)
             module.eval()
-            module.to(device, dtype=dtype)
+            module.to(device, dtype=vae_dtype if module is components.vae else dtype)
+
+    def vae_dtype(self, components, dtype):
+        """The VAE's dtype for inference dtype `dtype` when `config.model.vae_dtype` is "auto": the pipeline's."""
+        return dtype
 
     # ---- shapes ----
     def vae_scale_factor(self, components):

@@ -85,13 +85,15 @@ def device_of(module):
     return next(module.parameters()).device
 
 
-def freeze_and_cast(components, device, dtype):
-    """Freeze, eval and cast every module; the text encoders stay in CPU memory when they are offloaded."""
+def freeze_and_cast(components, device, dtype, vae_dtype=None):
+    """Freeze, eval and cast every module (the VAE in `vae_dtype`, default `dtype`); the text encoders stay
+    in CPU memory when they are offloaded."""
     for module in components.modules():
         module.requires_grad_(False)
         module.eval()
         offloaded = components.offload_text_encoders and module in components.text_encoders
-        module.to("cpu" if offloaded else device, dtype=dtype)
+        cast = (vae_dtype or dtype) if module is components.vae else dtype
+        module.to("cpu" if offloaded else device, dtype=cast)
 
 
 @contextlib.contextmanager

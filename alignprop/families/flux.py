@@ -118,8 +118,8 @@ class Flux(Family):
         return flow.FlowComponents(pipe.transformer, pipe.vae, pipe.scheduler, (pipe.text_encoder, pipe.text_encoder_2),
                                    (pipe.tokenizer, pipe.tokenizer_2))
 
-    def freeze_and_cast(self, components, device, dtype):
-        flow.freeze_and_cast(components, device, dtype)
+    def freeze_and_cast(self, components, device, dtype, vae_dtype=None):
+        flow.freeze_and_cast(components, device, dtype, vae_dtype)
 
     def save_lora(self, directory, lora_state_dict, lora_config):
         super().save_lora(directory, flow.peft_keys(lora_state_dict), lora_config)

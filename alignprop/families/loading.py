@@ -13,8 +13,9 @@ class ModelLoadError(UserError, RuntimeError):
     """Weights could not be found or read; the message says what was looked for and how to fix it."""
 
 
-def single_file_problem(path, denoiser_prefix):
-    """Why `path` cannot be a single-file checkpoint (unreadable, or no denoiser weights), or None if it may be one."""
+def single_file_problem(path, denoiser_prefix, required=()):
+    """Why `path` cannot be a single-file checkpoint (unreadable, no denoiser weights, or lacking the
+    `required` (prefix, what) keys of the family), or None if it may be one."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -35,11 +36,17 @@ def single_file_problem(path, denoiser_prefix):
             f"it holds no denoiser weights (no '{denoiser_prefix}*' keys; its first keys: "
             f"{', '.join(map(str, keys[:3])) or 'none'}), so it is the checkpoint of another model"
         )
+    for prefix, what in required:
+        if not any(k.startswith(prefix) for k in keys):
+            return (
+                f"it has no '{prefix}*' keys ({what}), so it is the checkpoint of another model family "
+                f"(config.model.family picks the family)"
+            )
     return None
 
 
 def _single_file_error(family, path, error):
-    problem = single_file_problem(path, family.single_file_prefix)
+    problem = single_file_problem(path, family.single_file_prefix, family.single_file_keys)
     if problem:
         return (
             f"{KEY}={path!r} is not a usable {family.description} checkpoint: {problem}.\n"
@@ -78,3 +85,35 @@ def load_pipeline(family, source, **kwargs):
         raise ModelLoadError(
             f"{what}, not a local folder, so a hub id: {library_message(e)}\n{offline_hint(KEY)}"
         ) from e
+
+
+VAE_KEY = "config.model.vae"
+
+
+def load_vae(name, components):
+    """An AutoencoderKL from a hub id or a local folder (a VAE folder, or a pipeline folder with vae/), in place
+    of the checkpoint's; it must take the denoiser's latents."""
+    from diffusers import AutoencoderKL
+
+    path = os.path.expanduser(name)
+    subfolder = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
+    try:
+        vae = AutoencoderKL.from_pretrained(path if os.path.isdir(path) else name, subfolder=subfolder)
+    except Exception as e:  # diffusers, safetensors and huggingface_hub raise many unrelated types
+        what = f"Could not load a VAE (AutoencoderKL) from {VAE_KEY}={name!r}"
+        if os.path.isdir(path):
+            raise ModelLoadError(
+                f"{what}, a local folder: {library_message(e)}\nThe folder must hold a VAE (config.json and its "
+                f"weights) or a pipeline with vae/; \"\" keeps the checkpoint's own VAE."
+            ) from e
+        raise ModelLoadError(
+            f"{what}, not a local folder, so a hub id (e.g. madebyollin/sdxl-vae-fp16-fix): {library_message(e)}\n"
+            f"{offline_hint(VAE_KEY)}"
+        ) from e
+    channels = components.denoiser.config.in_channels
+    if vae.config.latent_channels != channels:
+        raise ModelLoadError(
+            f"{VAE_KEY}={name!r} has {vae.config.latent_channels} latent channels but the denoiser takes "
+            f"{channels}: it is the VAE of another model family."
+        )
+    return vae

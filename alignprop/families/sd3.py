@@ -119,8 +119,8 @@ class StableDiffusion3(Family):
         tokenizers = (pipe.tokenizer, pipe.tokenizer_2) + ((pipe.tokenizer_3,) if t5 else ())
         return flow.FlowComponents(pipe.transformer, pipe.vae, pipe.scheduler, encoders, tokenizers)
 
-    def freeze_and_cast(self, components, device, dtype):
-        flow.freeze_and_cast(components, device, dtype)
+    def freeze_and_cast(self, components, device, dtype, vae_dtype=None):
+        flow.freeze_and_cast(components, device, dtype, vae_dtype)
 
     def save_lora(self, directory, lora_state_dict, lora_config):
         super().save_lora(directory, flow.peft_keys(lora_state_dict), lora_config)
