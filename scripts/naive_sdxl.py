@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from benchmark import full_size_defaults, peak_gib, sync
+from alignprop.profiling import full_size_defaults, peak_gib, sync
 
 
 def parser():

