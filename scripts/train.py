@@ -44,6 +44,8 @@ def open_run(config, settings, state, spec=None, argv=None):
     broadcast_object_list(found)  # one folder on every rank, whatever each one's clock says
     if isinstance(found[0], Exception):
         raise found[0]
+    if checkpoint:  # a resume continues the run in its own folder, whatever run_name says
+        config.run_name = os.path.basename(found[0])
     if not state.is_main_process:
         return RunFolder(found[0]), checkpoint
     run.create()
