@@ -166,3 +166,25 @@ def tiny_bert_tokenizer():
     from transformers import BertTokenizer
 
     return BertTokenizer(vocab={token: i for i, token in enumerate(_TINY_WORDPIECE)}, model_max_length=512)
+
+
+def tiny_byte_bpe_tokenizer(corpus, special_tokens, vocab_size=1000, pad_token=None):
+    """A byte-level BPE tokenizer (GPT-2 / Qwen2 style, no BOS) trained in-process on `corpus` (strings) up to
+    `vocab_size` tokens, then `special_tokens` appended as atomic tokens; for the tiny Qwen2-VL of HPSv3.
+
+    tokenizers' BPE trainer breaks ties by the pair itself, so the same corpus gives the same ids in every process.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(list(corpus), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, model_max_length=32768)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if pad_token:
+        tokenizer.pad_token = pad_token
+    return tokenizer
