@@ -125,6 +125,13 @@ def pickscore():
     return config
 
 
+def hpsv3():
+    """HPSv3 (Qwen2-VL-7B reward model, ~16 GB in bf16 besides SD) on the HPSv2 benchmark prompts."""
+    config = hps()
+    config.reward_fn = "hpsv3"
+    return config
+
+
 def aesthetic_hps():
     """A weighted sum of rewards on the HPSv2 prompts: aesthetic + 20 x HPSv2.
 
@@ -262,6 +269,9 @@ def tiny():
     config.reward.object_count.model = "tiny"
     config.reward.imagereward.model = "tiny"
     config.reward.mps.model = "tiny"
+    config.reward.hpsv3.model = "tiny"
+    # 56x56 images: 4 image tokens instead of 256 (the official budget), a fast tiny run.
+    config.reward.hpsv3.min_pixels = config.reward.hpsv3.max_pixels = 56 * 56
     config.sample.num_steps = 8
     config.sample.eval_batch_size = 4
     config.sample.num_eval_samples = 4
@@ -329,9 +339,9 @@ def tiny_sdxl():
 
 EXPERIMENTS = {fn.__name__: fn for fn in (
     aesthetic, aesthetic_k1, hps, hps_k1, hps_v21, compressibility, incompressibility, object_count, pickscore,
-    aesthetic_hps, aesthetic_sd21, hps_sd21, aesthetic_draft_k, aesthetic_draft_lv, aesthetic_refl, aesthetic_drtune,
-    hps_kl, aesthetic_sd35, hps_sd35, hps_flux, pickscore_flux, evaluate, tiny, tiny_sd21, tiny_sd3, tiny_flux,
-    aesthetic_sdxl, aesthetic_sdxl_k1, hps_sdxl, tiny_sdxl,
+    hpsv3, aesthetic_hps, aesthetic_sd21, hps_sd21, aesthetic_draft_k, aesthetic_draft_lv, aesthetic_refl,
+    aesthetic_drtune, hps_kl, aesthetic_sd35, hps_sd35, hps_flux, pickscore_flux, evaluate, tiny, tiny_sd21, tiny_sd3,
+    tiny_flux, aesthetic_sdxl, aesthetic_sdxl_k1, hps_sdxl, tiny_sdxl,
 )}
 
 

@@ -252,6 +252,21 @@ def base():
     # Processor (tokenizer + normalization) of MPS: hub id or local folder.
     mps.processor = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
+    reward.hpsv3 = hpsv3 = ml_collections.ConfigDict()
+    # HPSv3: "HPSv3" (Qwen2-VL-7B-Instruct + the official reward head) or "tiny" (a tiny random Qwen2-VL, offline).
+    hpsv3.model = "HPSv3"
+    # Hub repo and file of the official checkpoint (16 GB, bf16).
+    hpsv3.repo = "MizzenAI/HPSv3"
+    hpsv3.file = "HPSv3.safetensors"
+    # Local path of the checkpoint (.safetensors or a state dict); overrides the hub download.
+    hpsv3.path = config_dict.placeholder(str)
+    # The backbone whose config, tokenizer and image normalization HPSv3 uses: hub id or local folder.
+    hpsv3.backbone = "Qwen/Qwen2-VL-7B-Instruct"
+    # Pixel budget of the resized image (a multiple of 28 per side, Qwen2-VL's smart_resize); the official
+    # inference uses 256 x 28 x 28 for both (256 image tokens).
+    hpsv3.min_pixels = 200704
+    hpsv3.max_pixels = 200704
+
     reward.compressibility = compressibility = ml_collections.ConfigDict()
     # JPEG quality (1-100) of the differentiable size surrogate and of the logged true size `jpeg_kb`
     # (used by both `compressibility` and `incompressibility`).

@@ -148,7 +148,8 @@ def test_tiny_config_makes_every_reward_model_tiny():
     """Every reward sub-dict that names a model must be 'tiny' in the tiny config (offline runs of any reward)."""
     reward = tiny().reward
     models = {name: sub.get("model", sub.get("clip_model")) for name, sub in reward.items() if hasattr(sub, "keys")}
-    assert {"aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps"} <= set(models)
+    assert {"aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps",
+            "hpsv3"} <= set(models)
     assert all(model in (None, "tiny") for model in models.values()), models
 
 
@@ -159,7 +160,8 @@ def test_unknown_single_name_message():
 
 # Every reward that runs a neural network, in the half types on the CPU (F.interpolate's antialias has no CPU kernel
 # for them: the resize runs in fp32 there).
-NETWORK_REWARDS = ["aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps"]
+NETWORK_REWARDS = ["aesthetic", "hps", "hps_v21", "pickscore", "clipscore", "object_count", "imagereward", "mps",
+                   "hpsv3"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -17,6 +17,7 @@ CASES = {
     "clipscore": ({}, ["clipscore", "clipscore/clip_score"]),
     "imagereward": ({}, ["imagereward"]),
     "mps": ({}, ["mps"]),
+    "hpsv3": ({}, ["hpsv3", "hpsv3/sigma"]),
     "compressibility": ({}, ["compressibility", "compressibility/jpeg_kb"]),
     "incompressibility": ({}, ["incompressibility/jpeg_kb"]),
     "object_count": ({"prompt_fn": "counting", "eval_prompt_fn": "eval_counting"},

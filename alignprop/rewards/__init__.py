@@ -21,7 +21,7 @@ from typing import Callable
 from alignprop.errors import UserError
 
 # Scorer modules of this package, each with a `REWARDS` tuple of declarations.
-MODULES = ("aesthetic", "hps", "clipscore", "compressibility", "object_count", "imagereward", "mps")
+MODULES = ("aesthetic", "hps", "clipscore", "compressibility", "object_count", "imagereward", "mps", "hpsv3")
 TOTAL = "total"  # the column of a weighted sum's total
 
 
