@@ -255,7 +255,7 @@ def base():
     reward.hpsv3 = hpsv3 = ml_collections.ConfigDict()
     # HPSv3: "HPSv3" (Qwen2-VL-7B-Instruct + the official reward head) or "tiny" (a tiny random Qwen2-VL, offline).
     hpsv3.model = "HPSv3"
-    # Hub repo and file of the official checkpoint (16 GB, bf16).
+    # Hub repo and file of the official checkpoint (about 16 GB, bf16).
     hpsv3.repo = "MizzenAI/HPSv3"
     hpsv3.file = "HPSv3.safetensors"
     # Local path of the checkpoint (.safetensors or a state dict); overrides the hub download.

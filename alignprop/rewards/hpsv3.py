@@ -12,9 +12,10 @@ image tokens included, the same sequential position in all three M-RoPE sections
 at `<|Reward|>`. Its outputs are (mu, sigma) of the uncertainty loss; the score is mu (the README's model means:
 SD2 -0.2, SDXL 8.2, Flux-dev 10.4, Kolors 10.6; higher is better), sigma is logged as `hpsv3/sigma`.
 
-Weights: `HPSv3.safetensors` of hub repo MizzenAI/HPSv3 (16 GB bf16; its `lm_head` is not read) or
-`config.reward.hpsv3.path`; config, tokenizer and normalization of `backbone` (Qwen/Qwen2-VL-7B-Instruct).
-`model="tiny"` builds a tiny Qwen2-VL with seeded random weights and an in-process byte-level BPE tokenizer.
+Weights: `HPSv3.safetensors` of hub repo MizzenAI/HPSv3 (about 16 GB: 8.3B parameters in bf16; its `lm_head`
+is not read, 7.7B are loaded) or `config.reward.hpsv3.path`; config, tokenizer and normalization of `backbone`
+(Qwen/Qwen2-VL-7B-Instruct). `model="tiny"` builds a tiny Qwen2-VL with seeded random weights and an
+in-process byte-level BPE tokenizer.
 """
 
 import math
