@@ -199,9 +199,16 @@ def test_smart_resize_matches_the_official_formula():
 
 
 def test_checkpoint_errors(official, tmp_path):
-    path, _, _, _, state = official
+    path, model, head, _, state = official
     torch.save({"model": state}, tmp_path / "state.pth")  # a torch state dict under "model", as the official reads
-    hpsv3.build_scorer(_cfg(path=str(tmp_path / "state.pth")))
+    # transformers >= 4.52's names (model.visual.*, model.language_model.*) load the same model.
+    new_names = {**model.state_dict(), **{f"rm_head.{k}": v for k, v in head.state_dict().items()}}
+    torch.save(new_names, tmp_path / "new_names.pt")
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = [hpsv3.build_scorer(_cfg(path=p))(images, PROMPTS)[0] for p in (path, str(tmp_path / "state.pth"),
+                                                                                 str(tmp_path / "new_names.pt"))]
+    assert (scores[0] - scores[1]).abs().max() == 0 and (scores[0] - scores[2]).abs().max() == 0
     from safetensors.torch import save_file
 
     bad = {k: v.contiguous() for k, v in state.items() if k != "rm_head.5.weight"}
@@ -249,3 +256,29 @@ def test_patchify_is_the_processors_layout():
     patches, gh, gw = hpsv3.patchify(torch.from_numpy(pixels).permute(2, 0, 1)[None].float(), 14, 2, 2)
     assert expected["image_grid_thw"].tolist() == [[1, gh, gw]] == [[1, 4, 6]]
     torch.testing.assert_close(patches, expected["pixel_values"].float(), rtol=0, atol=1e-6)
+
+
+def test_full_size_branch_with_the_backbone_files_stubbed(official, monkeypatch):
+    """`model="HPSv3"` end to end but for the downloads: the backbone's config, tokenizer and image processor are
+    the tiny ones, so the meta build, the embedding check, the buffers and the normalization are exercised."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path, _, _, tokenizer, _ = official
+    files = {"AutoConfig": lambda: hpsv3.tiny_config(tokenizer), "AutoTokenizer": hpsv3.tiny_tokenizer,
+             "AutoImageProcessor": Qwen2VLImageProcessorPil}
+    monkeypatch.setattr(hpsv3, "load_pretrained", lambda cls, name, key: files[cls.__name__]())
+    full = hpsv3.build_scorer(_cfg(model="HPSv3", path=path, min_pixels=3136, max_pixels=3136))
+    tiny = hpsv3.build_scorer(_cfg(path=path, min_pixels=3136, max_pixels=3136))
+    assert full.mean == hpsv3.CLIP_MEAN and full.std == hpsv3.CLIP_STD
+    images = torch.rand(2, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(full(images, PROMPTS), tiny(images, PROMPTS), rtol=0, atol=0)
+
+    def larger_tokenizer():  # a vocabulary beyond the checkpoint's embedding: another backbone's tokenizer
+        extra = hpsv3.tiny_tokenizer()
+        extra.add_special_tokens({"additional_special_tokens": [f"<|extra_{i}|>" for i in range(10)]})
+        return extra
+
+    files["AutoTokenizer"] = larger_tokenizer
+    with pytest.raises(BadWeightsError, match=r"does not cover the tokenizer of config.reward.hpsv3.backbone"):
+        hpsv3.build_scorer(_cfg(model="HPSv3", path=path))

@@ -193,19 +193,21 @@ def read_checkpoint(path, key):
     return {k: v for k, v in state.items() if not k.startswith("lm_head.")}
 
 
-# The official (transformers 4.45) names -> Qwen2VLModel's: `visual.*` stays, the decoder `model.*` moves under
-# `language_model.` (transformers' own qwen2_vl checkpoint conversion); `rm_head.*` is the head.
+# Checkpoint names -> Qwen2VLModel's. The official code saved transformers 4.45's layout (`visual.*`, the decoder
+# as `model.*`); transformers >= 4.52 names them `model.visual.*`, `model.language_model.*`. Both are read.
+RENAMES = (("model.visual.", "visual."), ("model.language_model.", "language_model."), ("visual.", "visual."),
+           ("model.", "language_model."))
+
+
 def split_state(state):
+    """(backbone, head) state dicts of a checkpoint; names of neither layout are kept for load_state_dict to report."""
     model, head = {}, {}
     for k, v in state.items():
         if k.startswith("rm_head."):
             head[k.removeprefix("rm_head.")] = v
-        elif k.startswith(("visual.", "language_model.")):
-            model[k] = v
-        elif k.startswith("model."):
-            model["language_model." + k.removeprefix("model.")] = v
-        else:
-            model[k] = v  # an unknown name: load_state_dict reports it
+            continue
+        old, new = next(((o, n) for o, n in RENAMES if k.startswith(o)), ("", ""))
+        model[new + k.removeprefix(old)] = v
     return model, head
 
 
@@ -270,10 +272,10 @@ def build_scorer(cfg, seed=0, device=None):
     tokenizer = load_pretrained(AutoTokenizer, cfg.backbone, key=backbone)
     tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
     image_processor = load_pretrained(AutoImageProcessor, cfg.backbone, key=backbone)
-    embed = state.get("model.embed_tokens.weight", state.get("language_model.embed_tokens.weight"))
-    if embed is None or embed.shape[0] != len(tokenizer):
+    embed = split_state(state)[0].get("language_model.embed_tokens.weight")
+    if embed is None or embed.shape[0] < len(tokenizer):
         raise BadWeightsError(f"{key}={path!r}: its token embedding ({None if embed is None else tuple(embed.shape)}) "
-                              f"does not fit the tokenizer of {backbone}={cfg.backbone!r} with {REWARD_TOKEN} "
+                              f"does not cover the tokenizer of {backbone}={cfg.backbone!r} with {REWARD_TOKEN} "
                               f"({len(tokenizer)} tokens): is it HPSv3.safetensors, and the backbone Qwen2-VL-7B?")
     config.text_config.vocab_size = embed.shape[0]  # the official resize_token_embeddings(len(tokenizer))
     with torch.device("meta"):  # 8B parameters: no random init, the file's tensors are assigned
