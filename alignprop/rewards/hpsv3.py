@@ -81,8 +81,7 @@ CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 PIXELS = 256 * 28 * 28  # the official min_pixels = max_pixels (inference.py, HPSv3_7B.yaml)
 MAX_RATIO = 200  # qwen_vl_utils' limit on the aspect ratio
-HEAD = (1024, 16)  # rm_head's hidden widths (rm_head_type "ranknet", no rm_head_kwargs)
-OUTPUT_DIM = 2  # (mu, sigma)
+HEAD = (1024, 16, 2)  # rm_head's widths (rm_head_type "ranknet", no rm_head_kwargs; output_dim 2: mu, sigma)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rms_norm_eps=1e-6,
                  rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 1, 1]))
@@ -117,8 +116,8 @@ def patchify(pixels, patch, temporal, merge):
 
 def reward_head(hidden_size):
     """The official `rm_head` (state-dict indices 0, 3, 5; dropout at 2 is off in eval)."""
-    return nn.Sequential(nn.Linear(hidden_size, HEAD[0]), nn.ReLU(), nn.Dropout(0.05), nn.Linear(*HEAD), nn.ReLU(),
-                         nn.Linear(HEAD[1], OUTPUT_DIM))
+    return nn.Sequential(nn.Linear(hidden_size, HEAD[0]), nn.ReLU(), nn.Dropout(0.05), nn.Linear(*HEAD[:2]),
+                         nn.ReLU(), nn.Linear(*HEAD[1:]))
 
 
 class HPSv3Scorer(nn.Module):
@@ -140,11 +139,8 @@ class HPSv3Scorer(nn.Module):
 
     def pixel_values(self, images):
         """[B,3,H,W] in [0, 1] -> patches [B*gh*gw, 3*2*14*14] and (gh, gw), as fetch_image + the image processor."""
-        factor = self.patch * self.merge
-        size = smart_resize(*images.shape[-2:], factor, self.min_pixels, self.max_pixels)
-        pixels = normalize(resize(images, size), self.mean, self.std)
-        patches, gh, gw = patchify(pixels, self.patch, self.temporal, self.merge)
-        return patches, gh, gw
+        size = smart_resize(*images.shape[-2:], self.patch * self.merge, self.min_pixels, self.max_pixels)
+        return patchify(normalize(resize(images, size), self.mean, self.std), self.patch, self.temporal, self.merge)
 
     def texts(self, prompts, image_tokens):
         pads = IMAGE_PAD * image_tokens
