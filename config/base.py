@@ -283,5 +283,11 @@ def base():
     object_count.threshold = 0.1
     # Softness of the count in logit units: sigmoid((logit − logit(threshold)) / temperature) per box.
     object_count.temperature = 0.25
+    # Duplicates: a box overlapping a better detected box by IoU above this is not counted (greedy NMS, soft in the
+    # scores); 1.0 counts every box (GenEval's default `max_overlap`).
+    object_count.nms_iou = 0.5
+    # Weight of the rank hinge's gradient (the best `count` distinct boxes above the threshold, the rest below): an
+    # object with no box near the threshold still gets a slope of this much per logit. 0: the sigmoid count's alone.
+    object_count.rank_weight = 0.1
 
     return config

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import OwlViTImageProcessor, OwlViTProcessor
 
+import geneval_reference
 import reference_preprocess as ref
 from alignprop.rewards import RewardInputError, object_count, towers
 from alignprop.rewards.loading import WeightsNotFoundError
@@ -129,13 +130,14 @@ def test_soft_count_of_the_detector_equals_its_hard_count_when_decisive(saved, m
     monkeypatch.setattr(object_count, "build_counter", lambda cfg, seed=0: counter)
     reward_fn = make_reward("object_count")
     metadata = [{"object": o, "count": 2} for o in objects]
-    logits = counter(images, objects).float()
+    logits, boxes = counter.detect(images, objects)
     t = math.log(0.1 / 0.9)
     assert ((logits - t).abs() > 10 * config().reward.object_count.temperature).all(), "premise: decisive boxes"
     rewards, _, info = reward_fn(images, ["two things"] * 4, metadata)
     info = {k.removeprefix("object_count/"): v for k, v in info.items()}
-    hard = object_count.hard_count(logits, 0.1)
-    assert 0 < hard.sum() < logits.numel()  # some boxes in, some out: the test can tell
+    # The count is GenEval's: detections above the threshold, greedy NMS at reward.object_count.nms_iou (0.5).
+    hard = geneval_reference.count(logits, boxes, 0.1, 0.5)
+    assert 0 < hard.sum() < (logits > t).sum()  # some boxes in, some out, some duplicates: the test can tell
     torch.testing.assert_close(info["soft_count"], hard, atol=1e-3, rtol=0)
     torch.testing.assert_close(rewards, -(hard - 2).abs(), atol=1e-3, rtol=0)
     torch.testing.assert_close(info["count_error"], (hard - 2).abs())
@@ -196,12 +198,14 @@ def test_missing_metadata_names_the_prompt_and_what_it_needs():
 
 
 def test_settings_are_start_up_problems():
-    cfg = _cfg(query="a photo", threshold=1.5, temperature=0.0)
+    cfg = _cfg(query="a photo", threshold=1.5, temperature=0.0, nms_iou=0.0, rank_weight=-1.0)
     problems = object_count.problems(cfg, "config.reward.object_count")
     for needle in (
         "config.reward.object_count.query='a photo': must contain '{}'",
         "config.reward.object_count.threshold=1.5: must be a probability in (0, 1)",
         "config.reward.object_count.temperature=0.0: must be > 0",
+        "config.reward.object_count.nms_iou=0.0: must be an IoU in (0, 1]",
+        "config.reward.object_count.rank_weight=-1.0: must be >= 0",
     ):
         assert any(needle in p for p in problems), needle
 
