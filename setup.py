@@ -13,5 +13,5 @@ setup(
     packages=find_packages(include=["alignprop", "alignprop.*"]),
     python_requires=">=3.10",
     install_requires=requirements,
-    extras_require={"test": ["pytest", "scikit-image", "scipy"], "8bit": ["bitsandbytes"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "scikit-image", "scipy"], "8bit": ["bitsandbytes"]},
 )

@@ -1,11 +1,18 @@
 """Shared fixtures: tiny random SD components (fp32, CPU, seeded) from the SD family's own tiny builder.
 
 Two tiers: the default (fast) tier runs in-process; tests marked `slow` run the scripts end to end in
-subprocesses (`python -m pytest -q tests -m slow`; `.ci/run` runs both).
+subprocesses (`python -m pytest -q tests -m slow`; `.ci/run` runs both). Under pytest-xdist (`-n auto`: one
+worker per core) every worker, and every script it starts, runs one intra-op thread.
 """
+
+import os
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from helpers import randomize_lora, tiny_components
 

@@ -1,5 +1,6 @@
 """Helpers of the tests (imported by the test modules and conftest.py; no test imports another test module)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,19 @@ def save_tiny_lora(path, family=None, seed=1, rank=4, alpha=8.0):
     randomize_lora(denoiser, seed=seed, scale=0.2)
     lora.save_lora(family, denoiser, lora_config, str(path))
     return str(path)
+
+
+TRAIN = ["scripts/train.py", "--config", TINY]
+
+
+def records(run_dir):
+    """The run's metrics.jsonl, one dict per optimizer step."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train(logdir, *overrides, timeout=600, env=None):
+    """scripts/train.py on the tiny config in a subprocess; asserts it exits 0."""
+    result = run_script([*TRAIN, f"--config.logdir={logdir}", *overrides], timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
