@@ -255,48 +255,14 @@ def evaluate():
 def tiny():
     """Tiny random models on the CPU, fp32, offline: the whole pipeline in seconds."""
     config = aesthetic()
-    config.logdir = "logs/tiny"
-    config.mixed_precision = "no"
-    # No torch.compile: minutes of compilation for a run of seconds.
-    config.speed.compile = False
-    config.model.source = "tiny"
-    # Every reward model tiny, so that `--config.reward_fn=NAME` (or a weighted sum) runs offline for any reward.
-    config.reward.aesthetic.clip_model = "tiny"
-    config.reward.hps.model = "tiny"
-    config.reward.hps_v21.model = "tiny"
-    config.reward.pickscore.model = "tiny"
-    config.reward.clipscore.model = "tiny"
-    config.reward.object_count.model = "tiny"
-    config.reward.imagereward.model = "tiny"
-    config.reward.mps.model = "tiny"
-    config.reward.hpsv3.model = "tiny"
-    # 56x56 images: 4 image tokens instead of 256 (the official budget), a fast tiny run.
-    config.reward.hpsv3.min_pixels = config.reward.hpsv3.max_pixels = 56 * 56
-    config.sample.num_steps = 8
-    config.sample.eval_batch_size = 4
-    config.sample.num_eval_samples = 4
-    config.train.batch_size_per_gpu = 2
-    config.train.total_batch_size = 4
-    config.train.total_samples_per_epoch = 8
-    config.train.truncation = "uniform"
-    config.train.k_min, config.train.k_max = 1, 8
-    config.train.stop_last = 4  # refl / drtune: s in the last 4 of the 8 steps
-    config.train.learning_rate = 3e-2
-    # The random tiny reward has a tiny output scale; without this its gradients sit near Adam's eps.
-    config.train.loss_coeff = 1.0
-    config.num_epochs = 4
-    config.save_freq = 2
-    config.eval_freq = 0
-    config.log_image_freq = 4
+    models.tiny(config)
     return config
 
 
 def tiny_sd21():
     """`tiny` with tiny SD 2.x-shaped models that predict v (as SD 2.1), and guidance rescale."""
     config = tiny()
-    config.logdir = "logs/tiny_sd21"
-    config.model.source = "tiny:sd2"
-    config.sample.guidance_rescale = 0.7
+    models.tiny_sd21(config)
     return config
 
 
@@ -304,10 +270,7 @@ def tiny_sd3():
     """`tiny` with tiny SD3.5-shaped models (MMDiT, CLIP-L + CLIP-G + T5, flow matching, CFG 7.0), the text
     encoders offloaded and their embeddings cached (as the full-size configs)."""
     config = tiny()
-    config.logdir = "logs/tiny_sd3"
-    config.model.family, config.model.source = "sd3", "tiny:sd35"
-    config.sample.guidance_scale = 7.0
-    config.model.offload_text_encoders = config.model.cache_prompt_embeddings = True
+    models.tiny_sd3(config)
     return config
 
 
@@ -315,25 +278,14 @@ def tiny_flux():
     """`tiny` with tiny FLUX.1-dev-shaped models (packed latents, distilled guidance 3.5, no CFG), the text
     encoders offloaded and their embeddings cached."""
     config = tiny()
-    config.logdir = "logs/tiny_flux"
-    config.model.family, config.model.source = "flux", "tiny:dev"
-    config.sample.guidance_scale = 3.5
-    # FLUX's native size is the pipeline's fixed 128 latent pixels (256 px with the tiny VAE): 32 px here.
-    config.sample.height = config.sample.width = 32
-    config.model.offload_text_encoders = config.model.cache_prompt_embeddings = True
+    models.tiny_flux(config)
     return config
 
 
 def tiny_sdxl():
     """`tiny` with tiny SDXL-shaped models (two text encoders, micro-conditioning, zero negatives)."""
     config = tiny()
-    config.logdir = "logs/tiny_sdxl"
-    config.model.family = "sdxl"
-    config.model.source = "tiny:sdxl"
-    config.sample.guidance_scale = 5.0
-    # The SDXL configs' checkpoint plan, so that the tiny run goes through it.
-    config.speed.uncheckpointed_steps = 0
-    config.speed.checkpoint_vae_blocks = True
+    models.tiny_sdxl(config)
     return config
 
 
