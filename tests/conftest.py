@@ -37,6 +37,17 @@ def one_thread():
 
 
 @pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No network and an empty hub cache: what a machine without the weights sees (huggingface_hub reads
+    HF_HUB_OFFLINE at import, so its constants are patched too; without that it tries the network and waits)."""
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+
+
+@pytest.fixture
 def sd():
     """The SD 1.x/2.x family."""
     from alignprop import families

@@ -53,13 +53,7 @@ def test_scorer_is_differentiable_and_shaped():
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
-def test_offline_mlp_error_names_repo_file_and_key(monkeypatch, tmp_path):
-    import huggingface_hub
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads HF_HUB_OFFLINE at import: without these it tries the network (and waits for it).
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+def test_offline_mlp_error_names_repo_file_and_key(offline):
     from alignprop.rewards.loading import WeightsNotFoundError, hub_file
 
     with pytest.raises(WeightsNotFoundError) as e:

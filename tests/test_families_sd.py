@@ -1,6 +1,5 @@
 """The SD 1.x/2.x family: model sources, loading and its errors, sizes, prompts, the published architectures."""
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -16,14 +15,6 @@ KEY = "config.model.source"
 
 def count(module):
     return sum(p.numel() for p in module.parameters())
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """No network and an empty hub cache: what a machine without the weights sees."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
 
 
 def test_offline_tokenizer_is_the_real_clip_tokenizer():

@@ -229,12 +229,7 @@ def test_local_folder_loads_and_t5_can_be_dropped(sd3, tmp_path):
     assert len(no_t5.text_encoders) == len(no_t5.tokenizers) == 2
 
 
-def test_offline_hub_id_error(sd3, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+def test_offline_hub_id_error(sd3, offline):
     with pytest.raises(ModelLoadError) as e:
         sd3.load(parse_source("stabilityai/stable-diffusion-3.5-medium", "main", sd3))
     message = str(e.value)

@@ -1,6 +1,5 @@
 """The SDXL family's sources, published architecture, loading (folder, single file, another VAE) and VAE dtype."""
 
-import huggingface_hub
 import pytest
 import torch
 
@@ -147,13 +146,6 @@ def test_config_checks(sdxl):
         cfg = config(f"config/align_prop.py:{name}")
         assert cfg.model.family == "sdxl" and not configs.problems(cfg), name
         assert 5.0 <= cfg.sample.guidance_scale <= 7.5 and cfg.sample.num_steps == (8 if name == "tiny_sdxl" else 50)
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
 
 
 def test_single_file_checkpoints(sdxl, tmp_path, offline):

@@ -136,10 +136,7 @@ def test_hps_v2_downloads_each_file_once_from_the_hub_dataset(tmp_path, monkeypa
     assert len(train) + len(evaluation) == 4 * 60
 
 
-def test_hps_v2_offline_error_names_dataset_files_and_local_option(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+def test_hps_v2_offline_error_names_dataset_files_and_local_option(offline):
     with pytest.raises(PromptError) as e:
         make_prompt_set("hps_v2_train")
     message = str(e.value)

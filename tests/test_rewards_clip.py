@@ -1,6 +1,5 @@
 """PickScore and CLIP score: tiny CLIPs saved with `save_pretrained`, loaded through the real path."""
 
-import huggingface_hub
 import pytest
 import torch
 from transformers import CLIPImageProcessor, CLIPProcessor
@@ -85,10 +84,7 @@ def test_loads_saved_folders_and_scores(saved, name):
 
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore"])
-def test_offline_error_names_repo_and_key(monkeypatch, tmp_path, name):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+def test_offline_error_names_repo_and_key(name, offline):
     cfg = base().reward[name]
     with pytest.raises(WeightsNotFoundError) as e:
         clipscore.build_scorer(cfg, name, use_logit_scale=False)

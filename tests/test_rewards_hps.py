@@ -2,7 +2,6 @@
 
 import json
 
-import huggingface_hub
 import open_clip
 import pytest
 import torch
@@ -124,10 +123,7 @@ def test_random_weights_build_the_architecture_and_read_nothing():
 
 
 @pytest.mark.parametrize("name, file", [("hps", "HPS_v2_compressed.pt"), ("hps_v21", "HPS_v2.1_compressed.pt")])
-def test_offline_error_names_repo_file_and_key(monkeypatch, tmp_path, name, file):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+def test_offline_error_names_repo_file_and_key(name, file, offline):
     cfg = base().reward[name]  # ViT-H-14 from the hub: the download fails before the model is built
     with pytest.raises(WeightsNotFoundError) as e:
         hps.build_scorer(cfg, name)

@@ -11,7 +11,6 @@ renders the chat template, expands `<|image_pad|>` and patches the image, and
 import hashlib
 import math
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -222,10 +221,7 @@ def test_checkpoint_errors(official, tmp_path):
         hpsv3.build_scorer(_cfg(path=str(tmp_path / "missing.safetensors")))
 
 
-def test_offline_error_names_repo_file_and_key(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+def test_offline_error_names_repo_file_and_key(offline):
     with pytest.raises(WeightsNotFoundError) as e:
         hpsv3.build_scorer(config("config/align_prop.py:aesthetic").reward.hpsv3)
     message = str(e.value)

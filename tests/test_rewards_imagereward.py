@@ -1,6 +1,5 @@
 """ImageReward: our towers with the official checkpoint's weights == a copy of the official forward, same weights."""
 
-import huggingface_hub
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,10 +182,7 @@ def test_wrong_or_broken_checkpoint_is_a_clear_error(checkpoint, tmp_path):
         imagereward.build_scorer(_cfg(path=str(tmp_path / "missing.pt")))
 
 
-def test_offline_error_names_repo_file_and_key(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+def test_offline_error_names_repo_file_and_key(offline):
     cfg = config("config/align_prop.py:aesthetic").reward.imagereward
     with pytest.raises(WeightsNotFoundError) as e:
         imagereward.build_scorer(cfg)

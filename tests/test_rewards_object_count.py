@@ -2,7 +2,6 @@
 
 import math
 
-import huggingface_hub
 import pytest
 import torch
 from transformers import OwlViTImageProcessor, OwlViTProcessor
@@ -216,10 +215,7 @@ def test_non_detector_model_is_a_clear_error(tmp_path):
         object_count.build_counter(_cfg(model=str(tmp_path)))
 
 
-def test_offline_error_names_repo_and_key(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+def test_offline_error_names_repo_and_key(offline):
     with pytest.raises(WeightsNotFoundError) as e:
         object_count.build_counter(_cfg())
     message = str(e.value)
