@@ -58,7 +58,8 @@ def problems(config):
     damaged = [(name, why) for name in sorted(os.listdir(path)) if (why := file_problem(os.path.join(path, name)))]
     if damaged:
         earlier = [c for c in list_checkpoints(os.path.dirname(os.path.abspath(path))) if c != os.path.abspath(path)]
-        offer = (f" The previous complete checkpoint is {earlier[-1]!r}: resume with --config.resume_from={earlier[-1]}."
+        offer = (f" The previous complete checkpoint is {earlier[-1]!r}: resume with "
+                 f"--config.resume_from={earlier[-1]}."
                  if earlier else " The run has no earlier checkpoint.")
         out.append(f"config.resume_from={config.resume_from!r}: {os.path.basename(path)} is damaged: "
                    + "; ".join(f"{name} {why}" for name, why in damaged) + "." + offer)

@@ -29,7 +29,8 @@ def parse_lora_spec(spec):
         weight = float(weight_text)
     except ValueError:
         if path and os.path.exists(path) and not os.path.exists(spec):
-            raise ConfigError(f"--lora={spec!r}: the weight {weight_text!r} must be a number (e.g. '{path}:0.5').") from None
+            raise ConfigError(f"--lora={spec!r}: the weight {weight_text!r} must be a number "
+                              f"(e.g. '{path}:0.5').") from None
         return spec, 1.0  # a colon inside the path, no weight
     if not math.isfinite(weight):
         raise ConfigError(f"--lora={spec!r}: the weight {weight_text!r} must be a finite number (e.g. '{path}:0.5').")

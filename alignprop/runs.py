@@ -80,7 +80,8 @@ def problems(config):
         except FileNotFoundError:
             return []  # reported by checkpoints.problems
         why = unwritable(run_dir)
-        return [f"config.resume_from={config.resume_from!r}: a resumed run writes to its own folder, but {why}"] * bool(why)
+        return [f"config.resume_from={config.resume_from!r}: a resumed run writes to its own folder, "
+                f"but {why}"] * bool(why)
     why = unwritable(config.logdir)
     if why:
         return [f"config.logdir={config.logdir!r}: run folders cannot be created there: {why}; set it to a writable "

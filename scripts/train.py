@@ -144,7 +144,8 @@ def run_training(config, settings, run, resume_checkpoint):
     held_out = None
     if settings.eval_rewards:  # rewards never trained on, scored on the evaluation images (reward hacking shows there)
         spec = rewards.RewardSpec(tuple(t for t in settings.eval_rewards.terms if t[0] not in settings.reward.names))
-        held_out = rewards.build(spec, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision))
+        dtype = speed.inference_dtype(config.mixed_precision)
+        held_out = rewards.build(spec, config.reward, config.seed, device, dtype)
         columns = columns + [HELD_OUT + name for name in spec.names]
     eval_reward_fn = reward_columns(reward_fn, columns, held_out)
     items = eval_items(settings.eval_prompts, config.sample.num_eval_samples)

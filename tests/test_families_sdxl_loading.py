@@ -34,7 +34,8 @@ def test_sources(sdxl):
     for text, needle in (("tiny:sd1", "valid: tiny:sdxl"), ("random:sd15", "valid: random:sdxl")):
         with pytest.raises(ConfigError, match=f"the sdxl family has no .*; {needle}"):
             parse_source(text, "main", sdxl)
-    with pytest.raises(ConfigError, match=r"config.model.family='sdx' is not a model family; valid: sd, sdxl, sd3, flux"):
+    expected = r"config.model.family='sdx' is not a model family; valid: sd, sdxl, sd3, flux"
+    with pytest.raises(ConfigError, match=expected):
         families.get("sdx")
 
 

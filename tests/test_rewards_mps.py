@@ -73,7 +73,8 @@ def official_cross_model(sd, query, context, mask, heads, dim_head):
         k, v = (context @ sd[p + "0.fn.to_kv.weight"].T).chunk(2, dim=-1)
         sim = einsum("b h i d, b j d -> b h i j", q, k) + mask.unsqueeze(1).repeat(1, heads, 1, 1).to(q.dtype)
         attn = (sim - sim.amax(dim=-1, keepdim=True)).softmax(dim=-1)
-        out = einsum("b h i j, b j d -> b h i d", attn, v).permute(0, 2, 1, 3).flatten(2) @ sd[p + "0.fn.to_out.weight"].T
+        out = einsum("b h i j, b j d -> b h i d", attn, v).permute(0, 2, 1, 3).flatten(2)
+        out = out @ sd[p + "0.fn.to_out.weight"].T
         out = out + _swiglu(x @ sd[p + "0.fn.ff.0.weight"].T) @ sd[p + "0.fn.ff.2.weight"].T
         query = out + query
         # Residual(ParallelTransformerBlock)

@@ -222,7 +222,8 @@ def _collect(obj, prefix, out):
 def read_checkpoint(path, key):
     """The state dict of an MPS checkpoint: the official pickled model or a state dict (.pth or .safetensors)."""
     if not os.path.exists(path):
-        raise WeightsNotFoundError(f"MPS checkpoint {path!r} does not exist. Point {key} at MPS_overall_checkpoint.pth.")
+        raise WeightsNotFoundError(f"MPS checkpoint {path!r} does not exist. Point {key} at "
+                                   f"MPS_overall_checkpoint.pth.")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
