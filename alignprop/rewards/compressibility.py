@@ -29,7 +29,7 @@ Ablations on the same holdout (temperature 0.05): the run-length-aware codes are
 costing every nonzero as the run-0 code (no ZRL) gives pairs 0.78, Spearman 0.986, checkerboards 0.71; a flat
 4 bits + size per nonzero gives pairs 0.75, Spearman 0.969, checkerboards 0.73. The price is
 speed: a forward+backward of 2 images at 512² takes ~1.2 s on one CPU thread instead of ~0.1 s (the run
-recursion is 63 sequential steps), a few ms on a GPU.
+recursion is 63 sequential steps); not yet measured on a GPU.
 
 `compressibility` = −size, `incompressibility` = +size; the true size of a quality-`quality` JPEG
 written by Pillow (detached uint8 images) is logged as `jpeg_kb`.
