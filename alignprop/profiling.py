@@ -1,12 +1,31 @@
 """Measuring a training step: the helpers of scripts/benchmark.py and the naive baselines beside it (the
 benchmark's models, timing, memory, the denoiser's throughput, profiles, compiled-vs-eager checks, DDP)."""
 
+import json
+import os
 import time
 
 import torch
 
 
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0}
+K_COLUMNS = (("s/step", "s_per_step_median"), ("peak GiB", "peak_GiB"), ("images/s", "images_per_s"))
+
+
+def save_results(results, out, label):
+    """Write a benchmark's results to `out/bench_<label>.json`."""
+    with open(os.path.join(out, f"bench_{label}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def k_table(rows, columns=K_COLUMNS):
+    """The markdown table of a benchmark's rows {K: row} (a failed row shows its error in the first column)."""
+    lines = ["| K | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---|" * len(columns)]
+    for k, row in rows.items():
+        cells = ([row["error"]] + [""] * (len(columns) - 1) if "error" in row
+                 else [f"{row[key]:.2f}" for _, key in columns])
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def bf16_peak(card, given):

@@ -56,8 +56,8 @@ def parser():
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the SXM cards, from NVIDIA's data sheets.
 from alignprop.profiling import (  # noqa: E402
-    bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, peak_gib, profile_step, train_step_synced,
-    wrap_in_ddp,
+    bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, k_table, peak_gib, profile_step,
+    save_results, train_step_synced, wrap_in_ddp,
 )
 
 
@@ -187,20 +187,14 @@ def main(argv):
         card_bf16_peak_tflops=peak, denoiser_fwd_fraction_of_peak=peak and tflop / seconds / peak,
     )
     print(json.dumps(results, indent=1), flush=True)
-    with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(results, args.out, args.label)
     size = "x".join(map(str, results["size"]))
     print(f"\n| {card} | {config.model.source} {size} | batch {args.batch} | {config.mixed_precision} | "
           f"{overrides or ''} |")
     of_peak = f" ({tflop / seconds / peak:.0%} of the card's bf16 peak {peak:.0f})" if peak else ""
     print(f"denoiser forward on the CFG batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
           f"{tflop / seconds:.0f} TFLOP/s{of_peak}")
-    print("| K | s/step | peak GiB | images/s |\n|---|---|---|---|")
-    for k, row in results["k"].items():
-        if "error" in row:
-            print(f"| {k} | {row['error']} | | |")
-        else:
-            print(f"| {k} | {row['s_per_step_median']:.2f} | {row['peak_GiB']:.2f} | {row['images_per_s']:.2f} |")
+    print(k_table(results["k"]))
 
 
 if __name__ == "__main__":

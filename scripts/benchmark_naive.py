@@ -62,7 +62,7 @@ def main(argv):
 
     from alignprop import families, lora, rewards, speed
     from alignprop.errors import UserError
-    from alignprop.profiling import full_size_defaults
+    from alignprop.profiling import K_COLUMNS, full_size_defaults, k_table, save_results
     from alignprop.rng import RandomStreams
 
     config = configs.load(spec)
@@ -133,14 +133,10 @@ def main(argv):
             torch.cuda.empty_cache()
         results["k"][text] = row
         print(f"K={text}", json.dumps(row), flush=True)
-    with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(results, args.out, args.label)
     print(f"\n| {results['card']} | {config.model.source} | batch {args.batch} | {args.precision} | "
           f"naive diffusers loop |")
-    print("| K | s/step | peak GiB |\n|---|---|---|")
-    for k, row in results["k"].items():
-        cells = (row["error"], "") if "error" in row else (f"{row['s_per_step_median']:.2f}", f"{row['peak_GiB']:.2f}")
-        print(f"| {k} | {' | '.join(cells)} |")
+    print(k_table(results["k"], K_COLUMNS[:2]))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from alignprop.profiling import full_size_defaults, peak_gib, sync
+from alignprop.profiling import full_size_defaults, k_table, peak_gib, save_results, sync
 
 
 def parser():
@@ -161,15 +161,10 @@ def main(argv):
         results["k"][str(k)] = row
         print(f"K={k}", json.dumps(row), flush=True)
     print(json.dumps(results, indent=1), flush=True)
-    with open(os.path.join(args.out, f"bench_{args.label}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    save_results(results, args.out, args.label)
     print(f"\n| {card} | naive SDXL loop, {config.model.source} {height}x{width} | batch {args.batch} | "
-          f"{config.mixed_precision} |\n| K | s/step | peak GiB | images/s |\n|---|---|---|---|")
-    for k, row in results["k"].items():
-        if "error" in row:
-            print(f"| {k} | {row['error']} | | |")
-        else:
-            print(f"| {k} | {row['s_per_step_median']:.2f} | {row['peak_GiB']:.2f} | {row['images_per_s']:.2f} |")
+          f"{config.mixed_precision} |")
+    print(k_table(results["k"]))
 
 
 if __name__ == "__main__":
