@@ -14,17 +14,15 @@ import dataclasses
 import torch
 
 from alignprop.families.base import Components
-from alignprop.tokenizers import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, tiny_clip_text_config
+from alignprop.families.sd import SD15_TEXT_CONFIG
+from alignprop.tokenizers import tiny_clip_text_config
 
 # The most T5 tokens the SD3 and FLUX pipelines accept (`check_inputs`).
 MAX_SEQUENCE_LENGTH = 512
 
 # Published text towers (REFERENCE_MODELS.md §9): CLIP ViT-L/14, OpenCLIP bigG/14 (both with the projection
 # in SD3; FLUX uses CLIP-L's pooled output without it) and T5 v1.1 XXL's encoder.
-CLIP_L_CONFIG = dict(
-    vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu", projection_dim=768,
-)
+CLIP_L_CONFIG = SD15_TEXT_CONFIG  # the same CLIP ViT-L/14 text tower as SD 1.x's (and SDXL's first)
 CLIP_G_CONFIG = dict(
     CLIP_L_CONFIG, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
     hidden_act="gelu", projection_dim=1280,
