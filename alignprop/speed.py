@@ -30,9 +30,11 @@ logger = logging.getLogger(__name__)
 
 def set_torch_flags(speed):
     """The global torch settings of `config.speed`: TF32 matmuls and convolutions; cuDNN's algorithm search
-    (the shapes of a run are fixed, so its timing of each convolution shape is paid once)."""
+    (the shapes of a run are fixed, so its timing of each convolution shape is paid once); whether attention may
+    use cuDNN's kernels."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = speed.tf32
     torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.enable_cudnn_sdp(speed.cudnn_attention)
 
 
 def inference_dtype(mixed_precision):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import logging
 import time
 
 import torch
@@ -11,6 +12,8 @@ from alignprop import lora, methods, speed
 from alignprop.rewards import reward_loss
 from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
 from alignprop.rollout import Rollout, SampleSpec
+
+logger = logging.getLogger(__name__)
 
 
 def problems(config):
@@ -116,6 +119,7 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         train_denoiser,
         progress=config.sample.progress_bar and accelerator.is_main_process,
     )
+    precompute_prompts(config, settings, rollout)
     trainer = Trainer(
         accelerator=accelerator,
         rollout=rollout,
@@ -133,6 +137,29 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         kl_coeff=config.train.kl_coeff,
     )
     return trainer, lora_config
+
+
+def precompute_prompts(config, settings, rollout):
+    """The training set's prompts and the evaluation's, encoded once at start-up where the family caches prompt
+    embeddings (SD3, FLUX with `config.model.cache_prompt_embeddings`), so that no step moves or runs the text
+    encoders; skipped, with a warning, above `config.model.precompute_prompt_embeddings_max_gib`."""
+    from alignprop.evaluation import eval_items
+
+    prompts = [p for p, _ in settings.prompts.items]
+    prompts += [p for p, _ in eval_items(settings.eval_prompts, config.sample.num_eval_samples)]
+    limit = config.model.precompute_prompt_embeddings_max_gib
+    if not limit:
+        return
+    start = time.perf_counter()
+    count, gib = rollout.family.precompute_prompts(rollout.components, prompts, limit)
+    unique = len(set(prompts))
+    if gib is None:
+        logger.warning("prompt embeddings not precomputed: %d prompts would need more than "
+                       "config.model.precompute_prompt_embeddings_max_gib=%s GiB of CPU memory; each is encoded "
+                       "when first drawn", unique, limit)
+    elif count:
+        logger.info("encoded %d prompts at start-up in %.1f s (%.2f GiB of CPU memory)", count,
+                    time.perf_counter() - start, gib)
 
 
 @dataclasses.dataclass

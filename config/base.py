@@ -73,6 +73,12 @@ def base():
     # alone); once every prompt of the set has been seen the text encoders stop running (with the offload,
     # they stop moving). CPU memory: ~2.7 MB per prompt for SD3 (333 x 4096 bf16), ~4 MB for FLUX (512 tokens).
     model.cache_prompt_embeddings = False
+    # sd3/flux, with the cache: encode every prompt of the training and evaluation sets at start-up, in one visit
+    # of the (offloaded) text encoders, so that no training step moves or runs them (measured on an H200 for
+    # SD3.5 medium: a step that meets a new prompt took ~7 s longer with the offload, and the encoders' visit set
+    # the step's peak memory). Skipped, with a warning, where the embeddings would exceed this many GiB of
+    # CPU memory (then each prompt is encoded when first drawn, as without this key).
+    model.precompute_prompt_embeddings_max_gib = 16.0
     # Another VAE in place of the checkpoint's: a hub id or local folder of an AutoencoderKL, e.g.
     # "madebyollin/sdxl-vae-fp16-fix" (SDXL's VAE overflows in fp16; this one does not). "": the checkpoint's.
     model.vae = ""
@@ -152,6 +158,11 @@ def base():
     # what is computed.
     # Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster, slightly less precise).
     speed.tf32 = True
+    # Let scaled_dot_product_attention use cuDNN's attention kernels (the others: flash, memory-efficient, math).
+    # On an H200 (torch 2.11) cuDNN's attention backward failed at FLUX.1-dev's shapes (1024 px: 4096 + 512
+    # tokens, 24 heads of 128): "mha_graph.execute(...) is_good()", also in diffusers' own loop; the FLUX
+    # experiments switch it off.
+    speed.cudnn_attention = True
     # torch.compile the denoiser (steps with and without gradients, forward and backward) and the VAE
     # decoder. The first step compiles (about 4-5 minutes at SD 1.5 size), then a step is ~1.6x faster and
     # lighter. Skipped on the CPU.

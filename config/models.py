@@ -35,6 +35,7 @@ def flux(config):
     config.model.family = "flux"
     config.model.source = "black-forest-labs/FLUX.1-dev"  # gated: accept the license on the hub
     config.sample.guidance_scale = 3.5  # FluxPipeline's default: the distilled guidance input, not CFG
+    config.speed.cudnn_attention = False  # its backward failed at FLUX.1-dev's 1024 px shapes (config/base.py)
     flow(config)
 
 

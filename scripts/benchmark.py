@@ -14,6 +14,7 @@ same card:
     python scripts/benchmark.py --config config/align_prop.py:aesthetic_sdxl --batch 1 --ks 1,10 --out $OUT
     python scripts/benchmark.py --config config/align_prop.py:hps_flux --precision bf16 --steps 28 --batch 1 \
         --ks 1,4 --config.reward.hps.path=random --out $OUT                           # FLUX.1-dev-sized, HPS-sized
+    python scripts/benchmark.py --batch 4 --ks 1 --methods alignprop,draft_lv,refl,drtune,alignprop+kl --out $OUT
     python scripts/benchmark.py --tiny --batch 2 --steps 4 --ks 1 --iters 1 --precision no  # CPU smoke test
 """
 
@@ -38,6 +39,11 @@ def parser():
                     help="timed steps per K after one warm-up step (0: time the warm-up step itself)")
     ap.add_argument("--precision", default=None, choices=["fp16", "bf16", "no"],
                     help="default: the config's mixed_precision (fp16 for SD, bf16 for SDXL)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated config.train.method names to time in turn (default: the config's method); "
+                         "NAME+kl adds DRaFT+'s penalty (config.train.kl_coeff, or --kl-coeff where that is 0). "
+                         "--ks applies to the methods with a K (alignprop, draft_k)")
+    ap.add_argument("--kl-coeff", type=float, default=0.1, help="the penalty's coefficient for NAME+kl entries")
     ap.add_argument("--label", default="alignprop")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (a CPU smoke test of this script)")
     ap.add_argument("--profile", action="store_true",
@@ -59,6 +65,36 @@ from alignprop.profiling import (  # noqa: E402
     bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, k_table, peak_gib, profile_step,
     save_results, train_step_synced, wrap_in_ddp,
 )
+
+
+def runs(args, config):
+    """(row key, method, penalty coefficient, K) of each timed row: the rows are keyed by K alone when only the
+    config's method runs (as before --methods), else by the method and its K."""
+    from alignprop import methods
+    from alignprop.errors import ConfigError
+
+    ks = args.ks.split(",")
+    if args.methods is None:
+        return [(k, config.train.method, config.train.kl_coeff, k) for k in ks]
+    out = []
+    for entry in args.methods.split(","):
+        name, _, extra = entry.partition("+")
+        if name not in methods.METHODS or extra not in ("", "kl"):
+            raise ConfigError(f"--methods entry {entry!r}: give one of {', '.join(methods.METHODS)}, each "
+                              f"optionally followed by +kl")
+        kl = (config.train.kl_coeff or args.kl_coeff) if extra else 0.0
+        trial = config.copy_and_resolve_references()
+        trial.train.method = name
+        if name == "draft_k":
+            trial.train.truncation = "fixed"
+        problems = methods.problems(trial)
+        if problems:
+            raise ConfigError(f"--methods entry {entry!r}: " + "; ".join(problems))
+        if name in ("alignprop", "draft_k"):
+            out.extend((f"{entry} K={k}", name, kl, k) for k in ks if not (name == "draft_k" and k == "uniform"))
+        else:
+            out.append((entry, name, kl, ks[0]))
+    return out
 
 
 def main(argv):
@@ -89,6 +125,7 @@ def main(argv):
         total = args.total_batch or args.batch * n
         config.train.total_batch_size = config.train.total_samples_per_epoch = total
         settings = configs.check(config, n)
+        rows = runs(args, config)  # a wrong --methods entry stops here, before any model loads
     except UserError as e:
         raise SystemExit(str(e)) from None
     speed.set_torch_flags(config.speed)
@@ -128,14 +165,15 @@ def main(argv):
 
     from alignprop.truncation import Truncation
 
-    for k in args.ks.split(","):
+    for key, name, kl_coeff, k in rows:
         truncation = (
             Truncation("uniform", args.steps, k_min=1, k_max=args.steps)
             if k == "uniform"
             else Truncation("fixed", args.steps, int(k))
         )
-        # The config's method (alignprop by default) with this K; --ks is ignored by methods without a K.
-        trainer.method = dataclasses.replace(trainer.method, truncation=truncation)
+        # This method with this K (the methods without a K ignore it).
+        trainer.method = dataclasses.replace(trainer.method, name=name, truncation=truncation)
+        trainer.kl_coeff = kl_coeff
         try:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -168,9 +206,10 @@ def main(argv):
             row = {"error": "OOM"}
             trainer.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-        results["k"][k] = row
+        row["method"], row["kl_coeff"] = name, kl_coeff
+        results["k"][key] = row
         if accelerator.is_main_process:
-            print(f"K={k}", json.dumps(row), flush=True)
+            print(f"K={key}", json.dumps(row), flush=True)
 
     if args.compare_eager:
         results["compiled_vs_eager"] = compare_with_eager(trainer, args.compare_eager)

@@ -262,25 +262,61 @@ def test_offloaded_text_encoders_move_only_to_encode_and_the_cache_encodes_each_
         "encoder_hidden_states"], rtol=0, atol=1e-5)
 
 
+def test_precompute_encodes_the_prompt_set_in_one_visit_and_steps_never_move_the_encoders(sd3, monkeypatch):
+    options = ml_collections.ConfigDict({"offload_text_encoders": True, "cache_prompt_embeddings": True})
+    c = sd3.load(Source("tiny", "sd35"), options)
+    sd3.freeze_and_cast(c, torch.device("cpu"), torch.float32)
+    visits, calls = [], []
+    original = flow.text_encoders_on
+    monkeypatch.setattr(flow, "text_encoders_on", lambda *a: visits.append(1) or original(*a))
+    c.text_encoders[2].register_forward_hook(lambda *_: calls.append(1))
+    prompts = ["a cat", "a dog", "a red bird", "a cat", "a boat"]
+    count, gib = sd3.precompute_prompts(c, prompts, max_gib=1.0)
+    assert count == 4 and len(calls) == 4 and len(visits) == 2  # the first prompt (to size the cache), then the rest
+    entry = c.prompt_cache["a dog"]  # [1, 77 + 256, 96] hidden states and [1, 80] pooled, fp32
+    assert entry["encoder_hidden_states"].shape == (1, 333, 96) and entry["pooled_projections"].shape == (1, 80)
+    assert gib == 4 * (333 * 96 + 80) * 4 / 2**30
+    visits.clear(), calls.clear()
+    cond = sd3.encode(c, ["a boat", "a cat"])
+    assert not visits and not calls  # a training step's encode: from the cache, the encoders untouched
+    plain = tiny_components(sd3, "sd35")
+    assert torch.equal(cond["encoder_hidden_states"][:1], sd3.encode(plain, ["a boat"])["encoder_hidden_states"])
+    # Over the limit: only the first prompt is encoded (its size decides), the others wait to be drawn.
+    fresh = sd3.load(Source("tiny", "sd35"), options)
+    assert sd3.precompute_prompts(fresh, prompts, max_gib=1e-9) == (0, None) and list(fresh.prompt_cache) == ["a cat"]
+    # Families without a prompt cache (and flow ones with the cache off) do nothing.
+    assert sd3.precompute_prompts(plain, prompts, max_gib=1.0) == (0, 0.0) and not plain.prompt_cache
+    sd = families.get("sd")
+    assert sd.precompute_prompts(tiny_components(sd, "sd1"), prompts, max_gib=1.0) == (0, 0.0)
+
+
 def test_config_problems_name_the_keys(sd3):
     from alignprop import config as configs
 
     found = configs.problems(config("config/align_prop.py:tiny_sd3", {
-        "sample.eta": 0.3, "model.max_sequence_length": 0, "sample.height": 40}))
+        "sample.eta": 0.3, "model.max_sequence_length": 0, "sample.height": 40,
+        "model.precompute_prompt_embeddings_max_gib": -1}))
     assert "config.sample.eta=0.3: Stable Diffusion 3/3.5 samples with the deterministic flow-matching Euler step; " \
            "set it to 0" in found
     assert any(p.startswith("config.model.max_sequence_length=0: must be an int in [1, 512]") for p in found)
     assert any(p.startswith("config.sample.height=40: must be a positive multiple of 16") for p in found)
+    assert "config.model.precompute_prompt_embeddings_max_gib=-1.0: must be a number >= 0 (0: encode each prompt when " \
+           "first drawn)" in found
     assert not configs.problems(config("config/align_prop.py:hps_sd35"))
 
 
 @pytest.mark.slow
-def test_tiny_sd3_run_trains(tmp_path):
+def test_tiny_sd3_run_trains(tmp_path, monkeypatch):
+    visits = []
+    original = flow.fill_prompt_cache
+    monkeypatch.setattr(flow, "fill_prompt_cache", lambda *a: visits.append(original(*a)) or visits[-1])
     train_in_process(config("config/align_prop.py:tiny_sd3", {"run_name": "sd3", "logdir": str(tmp_path)}))
     run = tmp_path / "sd3"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["nonfinite"] == 0 and r["grad_norm"] > 0 for r in records)
     assert all(math.isfinite(r["loss"]) for r in records)
+    # Every prompt encoded at start-up (the negative, the first prompt, the rest): no step or evaluation encodes.
+    assert visits[:2] == [1, 1] and visits[2] > 1 and len(visits) > 3 and not any(visits[3:]), visits
     initial = json.loads((run / "eval_initial.json").read_text())["reward_mean"]
     final = json.loads((run / "eval_final.json").read_text())["reward_mean"]
     assert final > initial  # same prompts, same noise: the trained LoRA scores higher

@@ -253,3 +253,20 @@ def test_benchmark_smoke(tmp_path):
     result = run_script(["scripts/benchmark.py", "--tiny", "--out", str(tmp_path)], timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "config.mixed_precision='fp16' needs a CUDA GPU" in result.stderr
+    # --methods: one row per method (and per K for the methods with one), the penalty with +kl.
+    result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "no", "--batch", "1", "--steps", "3", "--ks",
+                         "1,2", "--iters", "1", "--methods", "draft_k,refl,alignprop+kl", "--config.train.stop_last=2",
+                         "--label", "methods", "--out", str(tmp_path)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.load(open(tmp_path / "bench_methods.json"))["k"]
+    assert list(rows) == ["draft_k K=1", "draft_k K=2", "refl", "alignprop+kl K=1", "alignprop+kl K=2"]
+    assert [(r["method"], r["kl_coeff"]) for r in rows.values()] == [
+        ("draft_k", 0.0), ("draft_k", 0.0), ("refl", 0.0), ("alignprop", 0.1), ("alignprop", 0.1)]
+    assert all(r["finite"] for r in rows.values())
+    for entry, needle in (("refl+x", "--methods entry 'refl+x': give one of alignprop, draft_k, draft_lv, refl, "
+                                     "drtune, each optionally followed by +kl"),
+                          ("drtune", "--methods entry 'drtune': config.train.stop_last=10: must be in [1, "
+                                     "sample.num_steps=3]")):
+        result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "no", "--steps", "3", "--methods", entry,
+                             "--out", str(tmp_path)], timeout=300)
+        assert result.returncode != 0 and needle in result.stderr and "Traceback" not in result.stderr

@@ -202,3 +202,19 @@ def test_precision_the_hardware_lacks(monkeypatch):
     speed.check_precision("fp16", torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     speed.check_precision("bf16", torch.device("cuda", 0))
+
+
+def test_torch_flags_follow_the_config_and_flux_keeps_cudnn_attention_off():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.cudnn_sdp_enabled())
+    try:
+        for name, expected in (("config/align_prop.py:aesthetic", True), ("config/align_prop.py:hps_flux", False),
+                               ("config/align_prop.py:hps_sd35", True)):
+            flags = config(name).speed
+            speed.set_torch_flags(flags)
+            assert torch.backends.cuda.cudnn_sdp_enabled() is expected, name
+            assert torch.backends.cuda.matmul.allow_tf32 is flags.tf32 and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.backends.cuda.enable_cudnn_sdp(saved[3])

@@ -170,6 +170,11 @@ class Family:
         the image's (height, width) in pixels, for families whose conditioning depends on it (SDXL's time ids)."""
         raise NotImplementedError
 
+    def precompute_prompts(self, components, prompts, max_gib):
+        """Encode `prompts` into the components' prompt cache now, where the family keeps one (SD3, FLUX: see
+        flow.precompute_prompts); returns (prompts encoded, GiB of CPU memory, or None where skipped)."""
+        return 0, 0.0
+
     def negative(self, components, size):
         """The unconditional conditioning of classifier-free guidance, batch 1 (None: no CFG in this family)."""
         return self.encode(components, [""], size)

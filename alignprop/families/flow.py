@@ -5,7 +5,8 @@ start-up checks of the keys that make no sense for a flow-matching model.
 Memory (issue #17, item 4): T5-XXL alone is 8.9 GiB in bf16. The text encoders run once per prompt batch
 under no_grad; `offload_text_encoders` keeps them in CPU memory and moves them to the accelerator only to
 encode (and back), and `cache_prompt_embeddings` keeps each prompt's embeddings in CPU memory after its
-first encoding, so the encoders stop running once the prompt set has been seen.
+first encoding, so the encoders stop running once the prompt set has been seen; with the cache, training
+encodes the whole prompt set at start-up (`precompute_prompts`), so that no step moves or runs them.
 """
 
 import contextlib
@@ -120,13 +121,42 @@ def encode_prompts(components, prompts, encode_batch):
         with text_encoders_on(components, device), torch.no_grad():
             return encode_batch(list(prompts))
     cache = components.prompt_cache
-    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-    if missing:
-        with text_encoders_on(components, device), torch.no_grad():
-            for prompt in missing:
-                cache[prompt] = {k: v.cpu() for k, v in encode_batch([prompt]).items()}
+    fill_prompt_cache(components, prompts, encode_batch)
     names = cache[prompts[0]].keys()
     return {k: torch.cat([cache[p][k] for p in prompts]).to(device, non_blocking=True) for k in names}
+
+
+def fill_prompt_cache(components, prompts, encode_batch):
+    """Encode the prompts not yet in the cache, each alone, in one visit of the text encoders; returns how many."""
+    cache = components.prompt_cache
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        with text_encoders_on(components, device_of(components.denoiser)), torch.no_grad():
+            for prompt in missing:
+                cache[prompt] = {k: v.cpu() for k, v in encode_batch([prompt]).items()}
+    return len(missing)
+
+
+def precompute_prompts(components, prompts, encode_batch, max_gib):
+    """Fill the prompt cache with every prompt of `prompts` at start-up, unless the embeddings would take more
+    than `max_gib` GiB of CPU memory (judged from the first prompt's). Returns (prompts encoded, GiB or None when
+    skipped); a no-op without `cache_prompt_embeddings`."""
+    unique = list(dict.fromkeys(prompts))
+    if not components.cache_prompt_embeddings or not unique:
+        return 0, 0.0
+    fill_prompt_cache(components, unique[:1], encode_batch)
+    one = sum(v.numel() * v.element_size() for v in components.prompt_cache[unique[0]].values())
+    gib = one * len(unique) / 2**30
+    if gib > max_gib:
+        return 0, None
+    return 1 + fill_prompt_cache(components, unique[1:], encode_batch), gib
+
+
+class PromptCache:
+    """The prompt cache of the flow families (mixed in before Family): their `_encode(components, prompts)`."""
+
+    def precompute_prompts(self, components, prompts, max_gib):
+        return precompute_prompts(components, prompts, lambda batch: self._encode(components, batch), max_gib)
 
 
 def peft_keys(lora_state_dict):
@@ -169,4 +199,8 @@ def problems(config, family):
     if length is not None and not (isinstance(length, int) and 1 <= length <= MAX_SEQUENCE_LENGTH):
         out.append(f"config.model.max_sequence_length={length!r}: must be an int in [1, {MAX_SEQUENCE_LENGTH}] "
                    f"(unset: the pipeline's default)")
+    limit = m.get("precompute_prompt_embeddings_max_gib", 0)
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+        out.append(f"config.model.precompute_prompt_embeddings_max_gib={limit!r}: must be a number >= 0 "
+                   f"(0: encode each prompt when first drawn)")
     return out

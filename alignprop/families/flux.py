@@ -56,7 +56,7 @@ def image_ids(h, w, device, dtype):
     return ids.to(device=device, dtype=dtype)
 
 
-class Flux(Family):
+class Flux(flow.PromptCache, Family):
     name = "flux"
     description = "FLUX.1"
     pipeline_class = "FluxPipeline"

@@ -41,7 +41,7 @@ TINY_SD3_CONFIG = dict(
 TINY = {"sd35": dict(TINY_SD3_CONFIG, qk_norm="rms_norm", dual_attention_layers=(0,)), "sd3": TINY_SD3_CONFIG}
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(flow.PromptCache, Family):
     name = "sd3"
     description = "Stable Diffusion 3/3.5"
     pipeline_class = "StableDiffusion3Pipeline"
