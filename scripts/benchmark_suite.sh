@@ -1,0 +1,48 @@
+#!/bin/bash
+# The GPU tables of BENCHMARKS.md, one process per benchmark (ours, then the naive diffusers loop on the same card),
+# each with a time limit so that one failure or hang does not cost the rest:
+#
+#     OUT=results bash scripts/benchmark_suite.sh sdxl sd35 flux methods        # groups in this order
+#     PROMPTS=offline OUT=results bash scripts/benchmark_suite.sh flux          # a machine without the hub's prompts
+#
+# Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled), sd35, sd354,
+# flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), methods (SD 1.5 size),
+# methods35 (SD3.5 medium). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
+# with their exit codes (124: its time limit).
+set -u
+OUT=${OUT:-.}; mkdir -p "$OUT"
+P=""
+[ "${PROMPTS:-}" = offline ] && P="--config.prompt_fn=simple_animals --config.eval_prompt_fn=eval_simple_animals"
+E="--config.speed.compile=False"
+XL="--config config/align_prop.py:aesthetic_sdxl $P"
+S3="--config config/align_prop.py:hps_sd35 --steps 28 --config.reward.hps.path=random $P"
+FX="--config config/align_prop.py:hps_flux --steps 28 --config.reward.hps.path=random $P"
+M="--methods alignprop,draft_lv,refl,drtune,alignprop+kl"
+
+run() {  # NAME SECONDS SCRIPT ARGS...
+    local name=$1 limit=$2; shift 2
+    echo "$name start $(date +%T)" >> "$OUT/progress"
+    PYTHONUNBUFFERED=1 timeout "$limit" python3 "$@" --out "$OUT" --label "$name" > "$OUT/$name.log" 2>&1
+    echo "$name rc=$? end $(date +%T)" >> "$OUT/progress"
+}
+
+for group in "$@"; do
+    case $group in
+        sdxl) run sdxl_b1_eager 300 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 $E
+              run sdxl_b1_naive 300 scripts/naive_sdxl.py $XL --batch 1 --ks 1,10 --iters 2 ;;
+        sdxl4) run sdxl_b4_eager 400 scripts/benchmark.py $XL --batch 4 --ks 1,10 --iters 1 $E
+               run sdxl_b4_naive 400 scripts/naive_sdxl.py $XL --batch 4 --ks 1,10 --iters 1 ;;
+        sdxlc) run sdxl_b1_compiled 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 ;;
+        sd35) run sd35_b1_eager 300 scripts/benchmark.py $S3 --batch 1 --ks 1,4 --iters 2 $E
+              run sd35_b1_naive 300 scripts/benchmark_naive.py $S3 --batch 1 --ks 1,4 --iters 2 ;;
+        sd354) run sd35_b4_eager 300 scripts/benchmark.py $S3 --batch 4 --ks 1,4 --iters 1 $E
+               run sd35_b4_naive 300 scripts/benchmark_naive.py $S3 --batch 4 --ks 1,4 --iters 1 ;;
+        flux) run flux_b1_eager 360 scripts/benchmark.py $FX --batch 1 --ks 1,4 --iters 2 $E
+              run flux_b1_naive 360 scripts/benchmark_naive.py $FX --batch 1 --ks 1,4 --iters 2 ;;
+        flux4) run flux_b4_eager 480 scripts/benchmark.py $FX --batch 4 --ks 1,4 --iters 1 $E
+               run flux_b4_naive 480 scripts/benchmark_naive.py $FX --batch 4 --ks 1,4 --iters 1 ;;
+        methods) run methods_sd15 300 scripts/benchmark.py --batch 4 --ks 1 --iters 3 $M $E ;;
+        methods35) run methods_sd35 400 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $M $E ;;
+        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd354 flux flux4 methods methods35" >&2; exit 2 ;;
+    esac
+done
