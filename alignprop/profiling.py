@@ -73,6 +73,40 @@ def lora_grads_of_one_rollout(trainer, k, seed=1234):
     return batch.images.float(), batch.rewards.float(), grads
 
 
+UNDERFLOW_SCALES = (2.0**16, 2.0**20, 2.0**24)
+
+
+def zero_gradient_fraction(trainer, k, scales=UNDERFLOW_SCALES, seed=1234):
+    """How many LoRA-B gradient entries one rollout's backward leaves exactly zero, per loss scale.
+
+    The same micro-batch (fixed K and seed) for each scale, its loss times the scale backpropagated as a GradScaler
+    does (outside it, so that no scale is skipped or changed). Returns {scale: {"zero_fraction", "finite"}}: in
+    fp16, small gradients underflow to zero below the right scale and overflow (non-finite) above it; at LoRA's
+    initialization (B = 0) the A gradients are zero by construction, so B's are the measure.
+    """
+    from alignprop.rng import RandomStreams
+    from alignprop.training import micro_batch
+    import dataclasses
+
+    from alignprop.truncation import Truncation
+
+    lora_b = [p for name, p in trainer.rollout.components.denoiser.named_parameters() if "lora_B" in name]
+    steps = trainer.method.num_steps
+    trainer.method = dataclasses.replace(trainer.method, name="alignprop", truncation=Truncation("fixed", steps, k))
+    out = {}
+    for scale in scales:
+        trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with trainer.accelerator.autocast():
+            batch = micro_batch(trainer)
+        (batch.loss.float() * scale).backward()
+        grads = torch.cat([p.grad.detach().flatten() for p in lora_b if p.grad is not None])
+        out[scale] = {"zero_fraction": (grads == 0).float().mean().item(),
+                      "finite": bool(torch.isfinite(grads).all())}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return out
+
+
 def compare_with_eager(trainer, k):
     """How far the compiled step is from the same step run eagerly (torch.compiler's force_eager stance).
 

@@ -28,6 +28,7 @@ def problems(config):
             ("adam_weight_decay", t.adam_weight_decay >= 0, "must be >= 0"),
             ("adam_epsilon", t.adam_epsilon > 0, "must be > 0"),
             ("max_grad_norm", t.max_grad_norm > 0, "must be > 0"),
+            ("grad_scale_init", t.grad_scale_init > 0, "must be > 0"),
             ("loss_coeff", t.loss_coeff > 0, "must be > 0"),
             ("max_nonfinite_steps", t.max_nonfinite_steps >= 1, "must be >= 1"),
         )
@@ -38,6 +39,13 @@ def problems(config):
             "config.train.use_8bit_adam=True: needs bitsandbytes (`pip install bitsandbytes`), or set it to False"
         )
     return out + lora.problems(config)
+
+
+def accelerator_handlers(config):
+    """accelerate's kwargs handlers for `config`: the fp16 GradScaler's initial scale (`train.grad_scale_init`)."""
+    from accelerate.utils import GradScalerKwargs
+
+    return [GradScalerKwargs(init_scale=config.train.grad_scale_init)] if config.mixed_precision == "fp16" else []
 
 
 def build_optimizer(params, train):

@@ -123,6 +123,9 @@ def base():
     train.use_8bit_adam = False
     # Clip the global gradient norm to this value.
     train.max_grad_norm = 5.0
+    # fp16 only: the GradScaler's initial loss scale (accelerate's default, 2**16). Too low a scale lets small
+    # gradients underflow to zero in the fp16 backward: measure it with `scripts/benchmark.py --underflow K`.
+    train.grad_scale_init = 65536.0
     # Loss = loss_coeff x (−mean reward, or |reward − reward.target|).
     train.loss_coeff = 0.01
     # Where gradients flow through the chain (alignprop/methods.py): "alignprop" (the last K steps, K from

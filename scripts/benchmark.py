@@ -15,11 +15,13 @@ same card:
     python scripts/benchmark.py --config config/align_prop.py:hps_flux --precision bf16 --steps 28 --batch 1 \
         --ks 1,4 --config.reward.hps.path=random --out $OUT                           # FLUX.1-dev-sized, HPS-sized
     python scripts/benchmark.py --batch 4 --ks 1 --methods alignprop,draft_lv,refl,drtune,alignprop+kl --out $OUT
+    python scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 --out $OUT   # fp16's zero LoRA-B gradients
     python scripts/benchmark.py --tiny --batch 2 --steps 4 --ks 1 --iters 1 --precision no  # CPU smoke test
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -54,6 +56,9 @@ def parser():
     ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
                     help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
                          "compiled vs eager")
+    ap.add_argument("--underflow", type=int, default=0, metavar="K",
+                    help="the fraction of LoRA-B gradient entries that come out exactly zero after one rollout with "
+                         "this K, for loss scales 2^16, 2^20, 2^24 (fp16's underflow; fp32 and bf16 have none)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense bf16 peak TFLOP/s (default: known for H100/H200/A100, else not reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -63,7 +68,7 @@ def parser():
 # Dense bf16 tensor-core peaks (TFLOP/s) of the SXM cards, from NVIDIA's data sheets.
 from alignprop.profiling import (  # noqa: E402
     bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, k_table, peak_gib, profile_step,
-    save_results, train_step_synced, wrap_in_ddp,
+    save_results, train_step_synced, wrap_in_ddp, zero_gradient_fraction,
 )
 
 
@@ -119,7 +124,8 @@ def main(argv):
             configs.override(config, key, value)
         # Full-size architectures with random weights (the compute and memory of the real run), or tiny models.
         full_size_defaults(config, args, overrides)
-        accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                                  kwargs_handlers=training.accelerator_handlers(config))
         speed.check_precision(config.mixed_precision, accelerator.device)
         n = accelerator.num_processes
         total = args.total_batch or args.batch * n
@@ -210,6 +216,12 @@ def main(argv):
         results["k"][key] = row
         if accelerator.is_main_process:
             print(f"K={key}", json.dumps(row), flush=True)
+
+    if args.underflow:
+        results["zero_lora_b_grad_fraction"] = {
+            f"2^{int(math.log2(scale))}": row for scale, row in zero_gradient_fraction(trainer, args.underflow).items()}
+        results["underflow_k"] = args.underflow
+        print("zero_lora_b_grad_fraction", json.dumps(results["zero_lora_b_grad_fraction"]), flush=True)
 
     if args.compare_eager:
         results["compiled_vs_eager"] = compare_with_eager(trainer, args.compare_eager)

@@ -7,7 +7,7 @@
 #
 # Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled), sd35, sd354,
 # flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), methods (SD 1.5 size),
-# methods35 (SD3.5 medium). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
+# methods35 (SD3.5 medium), underflow (fp16's zero LoRA-B gradients at K=1 and 3, SD 1.5 size). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
 # with their exit codes (124: its time limit).
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
@@ -43,6 +43,8 @@ for group in "$@"; do
                run flux_b4_naive 480 scripts/benchmark_naive.py $FX --batch 4 --ks 1,4 --iters 1 ;;
         methods) run methods_sd15 300 scripts/benchmark.py --batch 4 --ks 1 --iters 3 $M $E ;;
         methods35) run methods_sd35 400 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $M $E ;;
-        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd354 flux flux4 methods methods35" >&2; exit 2 ;;
+        underflow) run underflow_k1 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E
+                   run underflow_k3 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 3 $E ;;
+        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd354 flux flux4 methods methods35 underflow" >&2; exit 2 ;;
     esac
 done

@@ -117,6 +117,7 @@ def run_training(config, settings, run, resume_checkpoint):
     plan, run_dir = settings.plan, run.path
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
+        kwargs_handlers=training.accelerator_handlers(config),
         gradient_accumulation_steps=plan.accumulation_steps,
         log_with=None if config.log_with == "none" else config.log_with,
         project_config=ProjectConfiguration(project_dir=run_dir, logging_dir=run_dir),

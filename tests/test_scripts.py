@@ -256,9 +256,13 @@ def test_benchmark_smoke(tmp_path):
     # --methods: one row per method (and per K for the methods with one), the penalty with +kl.
     result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "no", "--batch", "1", "--steps", "3", "--ks",
                          "1,2", "--iters", "1", "--methods", "draft_k,refl,alignprop+kl", "--config.train.stop_last=2",
-                         "--label", "methods", "--out", str(tmp_path)], timeout=300)
+                         "--underflow", "1", "--label", "methods", "--out", str(tmp_path)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.load(open(tmp_path / "bench_methods.json"))["k"]
+    data = json.load(open(tmp_path / "bench_methods.json"))
+    # fp32: no LoRA-B gradient entry underflows at any of the scales
+    assert data["zero_lora_b_grad_fraction"] == {s: {"zero_fraction": 0.0, "finite": True} for s in ("2^16", "2^20",
+                                                                                                     "2^24")}
+    rows = data["k"]
     assert list(rows) == ["draft_k K=1", "draft_k K=2", "refl", "alignprop+kl K=1", "alignprop+kl K=2"]
     assert [(r["method"], r["kl_coeff"]) for r in rows.values()] == [
         ("draft_k", 0.0), ("draft_k", 0.0), ("refl", 0.0), ("alignprop", 0.1), ("alignprop", 0.1)]

@@ -148,3 +148,33 @@ def test_reward_target_loss():
     r = torch.tensor([1.0, 3.0])
     assert reward_loss(r).item() == -2.0
     assert reward_loss(r, target=2.0).item() == 1.0
+
+
+def test_zero_gradient_fraction_counts_the_exact_zeros_of_one_rollouts_lora_b_gradient(make_trainer):
+    from alignprop import profiling
+    from alignprop.training import micro_batch
+
+    trainer = make_trainer(accumulation=1)
+    found = profiling.zero_gradient_fraction(trainer, 2, scales=(1.0, 0.0, float("inf")))
+    assert all(p.grad is None for p in trainer.params)  # leaves no gradient behind
+    # Independently: the same rollout (K=2, seed 1234), its loss backpropagated, B's zeros counted.
+    trainer.streams = RandomStreams(1234, 0, torch.device("cpu"))
+    trainer.method = Method("alignprop", 4, Truncation("fixed", 4, 2))
+    micro_batch(trainer).loss.backward()
+    b = torch.cat([p.grad.flatten() for n, p in trainer.rollout.components.denoiser.named_parameters()
+                   if "lora_B" in n])
+    assert b.numel() > 0 and b.abs().sum() > 0
+    assert found[1.0] == {"zero_fraction": (b == 0).float().mean().item(), "finite": True}
+    assert found[0.0] == {"zero_fraction": 1.0, "finite": True}  # a zero scale: every entry underflows
+    assert found[float("inf")]["finite"] is False  # an overflowing scale is reported, not hidden
+
+
+def test_fp16_grad_scaler_starts_at_the_configured_scale():
+    from alignprop import config as configs
+
+    cfg = config(overrides={"mixed_precision": "fp16", "train.grad_scale_init": 2.0**20})
+    (handler,) = training.accelerator_handlers(cfg)
+    assert handler.to_kwargs() == {"init_scale": 2.0**20}  # what accelerate passes to torch's GradScaler
+    assert training.accelerator_handlers(config(overrides={"mixed_precision": "bf16"})) == []
+    assert "config.train.grad_scale_init=0.0: must be > 0" in configs.problems(
+        config(overrides={"train.grad_scale_init": 0.0}))
