@@ -50,6 +50,25 @@ def check_precision(mixed_precision, device):
         raise ConfigError("config.mixed_precision='bf16': this GPU has no bf16; use 'fp16'.")
 
 
+def describe(config, device):
+    """The speed and memory plan in force, in one line for the start-up log."""
+    sp = config.speed
+    compiled = sp.compile and device.type != "cpu"
+    if not sp.checkpoint_grad_steps:
+        grad = "every grad step keeps its activations"
+    else:
+        kept = f", but the last {sp.uncheckpointed_steps}" if sp.uncheckpointed_steps else ""
+        grad = "each grad step's denoiser call recomputed in backward" + kept
+        grad += ", inside it each block again" if sp.checkpoint_blocks else ""
+    chunk = f"in chunks of {sp.decode_chunk} image(s)" if sp.decode_chunk else "all at once"
+    decode = f"decoder {chunk}" + (", recomputed" if sp.checkpoint_decode else "")
+    decode += " (and its blocks)" if sp.checkpoint_decode and sp.checkpoint_vae_blocks else ""
+    scale = f", GradScaler from {config.train.grad_scale_init:g}" if config.mixed_precision == "fp16" else ""
+    return (f"speed plan: {config.mixed_precision}{scale}; torch.compile {'on' if compiled else 'off'}; {grad}; "
+            f"{decode}; reward {'recomputed' if sp.checkpoint_reward else 'kept'}; cuDNN attention "
+            f"{'allowed' if sp.cudnn_attention else 'off'}")
+
+
 def problems(config):
     """Start-up checks of `config.speed`."""
     out = []

@@ -161,6 +161,7 @@ def main(argv):
         "total_batch": total,
         "torch": torch.__version__,
         "overrides": overrides,
+        "plan": speed.describe(config, device),
         "lora_params": sum(p.numel() for p in trainer.params),
         "k": {},
     }

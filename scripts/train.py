@@ -125,6 +125,7 @@ def run_training(config, settings, run, resume_checkpoint):
     if config.log_with != "none":
         init_trackers(accelerator, config, run_dir)
     speed.set_torch_flags(config.speed)
+    logger.info(speed.describe(config, accelerator.device))
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
     device = accelerator.device

@@ -218,3 +218,19 @@ def test_torch_flags_follow_the_config_and_flux_keeps_cudnn_attention_off():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.backends.cudnn.benchmark = saved[2]
         torch.backends.cuda.enable_cudnn_sdp(saved[3])
+
+
+def test_the_plan_in_force_is_described_at_start_up():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert speed.describe(config("config/align_prop.py:aesthetic"), cuda) == (
+        "speed plan: fp16, GradScaler from 65536; torch.compile on; each grad step's denoiser call recomputed in "
+        "backward, but the last 1, inside it each block again; decoder in chunks of 1 image(s), recomputed; reward "
+        "kept; cuDNN attention allowed")
+    assert speed.describe(config("config/align_prop.py:aesthetic_sdxl"), cuda) == (
+        "speed plan: bf16; torch.compile on; each grad step's denoiser call recomputed in backward, inside it each "
+        "block again; decoder in chunks of 1 image(s), recomputed (and its blocks); reward kept; cuDNN attention "
+        "allowed")
+    flux = config("config/align_prop.py:hps_flux", {"speed.checkpoint_grad_steps": False, "speed.decode_chunk": 0})
+    assert speed.describe(flux, cpu) == (
+        "speed plan: bf16; torch.compile off; every grad step keeps its activations; decoder all at once, recomputed; "
+        "reward kept; cuDNN attention off")
