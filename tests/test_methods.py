@@ -255,11 +255,12 @@ def test_bad_method_settings_name_their_key(overrides, needle):
     assert needle in found, found
 
 
-@pytest.mark.parametrize("family,variant", [("flux", "dev"), ("sd3", "sd35")])
+@pytest.mark.parametrize("family,variant", [("flux", "dev"), ("sd3", "sd35"), ("sdxl", "sdxl")])
 @pytest.mark.parametrize("plan", [Plan((3,), stop=3), Plan((0, 2), stop=3, detach_input=True), Plan((), copies=2),
                                   Plan((4, 5))], ids=["refl", "drtune", "draft_lv", "alignprop"])
-def test_every_method_runs_on_the_flow_families(family, variant, plan):
-    """The same plans through FLUX's packed latents (its position ids are not batched) and SD3's CFG."""
+def test_every_method_runs_on_the_other_families(family, variant, plan):
+    """The same plans through FLUX's packed latents (its position ids are not batched), SD3's CFG and SDXL's
+    nested added conditioning (repeated for DRaFT-LV's copies)."""
     from alignprop import families
     from alignprop.lora import add_lora
     from helpers import randomize_lora, tiny_components
