@@ -53,8 +53,9 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def lora_grads_of_one_rollout(trainer, k, seed=1234):
-    """Images, rewards and LoRA gradients of one micro-batch with fixed K from a fixed seed."""
+def one_rollout(trainer, k, seed):
+    """One micro-batch of AlignProp with fixed K from a fixed seed (the same rollout at every call), the
+    gradients zeroed before it."""
     from alignprop.rng import RandomStreams
     from alignprop.training import micro_batch
     import dataclasses
@@ -66,7 +67,12 @@ def lora_grads_of_one_rollout(trainer, k, seed=1234):
     trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
     trainer.optimizer.zero_grad(set_to_none=True)
     with trainer.accelerator.autocast():
-        batch = micro_batch(trainer)
+        return micro_batch(trainer)
+
+
+def lora_grads_of_one_rollout(trainer, k, seed=1234):
+    """Images, rewards and LoRA gradients of one micro-batch with fixed K from a fixed seed."""
+    batch = one_rollout(trainer, k, seed)
     trainer.accelerator.backward(batch.loss)
     grads = torch.cat([p.grad.detach().float().flatten() for p in trainer.params])
     trainer.optimizer.zero_grad(set_to_none=True)
@@ -84,22 +90,10 @@ def zero_gradient_fraction(trainer, k, scales=UNDERFLOW_SCALES, seed=1234):
     fp16, small gradients underflow to zero below the right scale and overflow (non-finite) above it; at LoRA's
     initialization (B = 0) the A gradients are zero by construction, so B's are the measure.
     """
-    from alignprop.rng import RandomStreams
-    from alignprop.training import micro_batch
-    import dataclasses
-
-    from alignprop.truncation import Truncation
-
     lora_b = [p for name, p in trainer.rollout.components.denoiser.named_parameters() if "lora_B" in name]
-    steps = trainer.method.num_steps
-    trainer.method = dataclasses.replace(trainer.method, name="alignprop", truncation=Truncation("fixed", steps, k))
     out = {}
     for scale in scales:
-        trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        with trainer.accelerator.autocast():
-            batch = micro_batch(trainer)
-        (batch.loss.float() * scale).backward()
+        (one_rollout(trainer, k, seed).loss.float() * scale).backward()
         grads = torch.cat([p.grad.detach().flatten() for p in lora_b if p.grad is not None])
         out[scale] = {"zero_fraction": (grads == 0).float().mean().item(),
                       "finite": bool(torch.isfinite(grads).all())}
