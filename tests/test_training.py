@@ -178,3 +178,15 @@ def test_fp16_grad_scaler_starts_at_the_configured_scale():
     assert training.accelerator_handlers(config(overrides={"mixed_precision": "bf16"})) == []
     assert "config.train.grad_scale_init=0.0: must be > 0" in configs.problems(
         config(overrides={"train.grad_scale_init": 0.0}))
+
+
+def test_compare_with_eager_is_zero_for_an_eager_trainer(make_trainer):
+    """The benchmark's compiled-vs-eager check run where nothing is compiled: the same fixed rollout three times,
+    so every difference is exactly zero (what makes its GPU figures a measure of compilation alone)."""
+    from alignprop import profiling
+
+    found = profiling.compare_with_eager(make_trainer(accumulation=1), 2)
+    assert found["k"] == 2 and found["reward_scale"] > 0
+    for row in (found["compiled_vs_eager"], found["eager_vs_eager_other_kernels"]):
+        assert row["images_max_abs_diff"] == row["rewards_max_abs_diff"] == row["grad_rel_diff"] == 0.0
+        assert row["grad_cosine"] == pytest.approx(1.0, abs=1e-6)
