@@ -77,7 +77,8 @@ def base():
     # of the (offloaded) text encoders, so that no training step moves or runs them (measured on an H200 for
     # SD3.5 medium: a step that meets a new prompt took ~7 s longer with the offload, and the encoders' visit set
     # the step's peak memory). Skipped, with a warning, where the embeddings would exceed this many GiB of
-    # CPU memory (then each prompt is encoded when first drawn, as without this key).
+    # CPU memory in each process (then each prompt is encoded when first drawn, as without this key; 0: never
+    # precompute). Every process keeps its own cache: on one host, N GPUs hold N copies.
     model.precompute_prompt_embeddings_max_gib = 16.0
     # Another VAE in place of the checkpoint's: a hub id or local folder of an AutoencoderKL, e.g.
     # "madebyollin/sdxl-vae-fp16-fix" (SDXL's VAE overflows in fp16; this one does not). "": the checkpoint's.
