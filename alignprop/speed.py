@@ -64,7 +64,8 @@ def describe(config, device):
     decode = f"decoder {chunk}" + (", recomputed" if sp.checkpoint_decode else "")
     decode += " (and its blocks)" if sp.checkpoint_decode and sp.checkpoint_vae_blocks else ""
     scale = f", GradScaler from {config.train.grad_scale_init:g}" if config.mixed_precision == "fp16" else ""
-    return (f"speed plan: {config.mixed_precision}{scale}; torch.compile {'on' if compiled else 'off'}; {grad}; "
+    precision = "fp32" if config.mixed_precision == "no" else config.mixed_precision
+    return (f"speed plan: {precision}{scale}; torch.compile {'on' if compiled else 'off'}; {grad}; "
             f"{decode}; reward {'recomputed' if sp.checkpoint_reward else 'kept'}; cuDNN attention "
             f"{'allowed' if sp.cudnn_attention else 'off'}")
 

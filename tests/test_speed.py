@@ -234,3 +234,4 @@ def test_the_plan_in_force_is_described_at_start_up():
     assert speed.describe(flux, cpu) == (
         "speed plan: bf16; torch.compile off; every grad step keeps its activations; decoder all at once, recomputed; "
         "reward kept; cuDNN attention off")
+    assert speed.describe(config("config/align_prop.py:tiny"), cpu).startswith("speed plan: fp32; torch.compile off;")
