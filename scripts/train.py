@@ -245,6 +245,9 @@ def run_training(config, settings, run, resume_checkpoint):
         lora.save_lora(settings.family, components.denoiser, lora_config, run_dir)
         plot_rewards(run.read_metrics(), run.image_path("reward.png"))
         logger.info("done: %d optimizer steps; run folder %s", step, run_dir)
+    # Every process done before any tears its process group down: a rank destroying gloo's group while another
+    # still writes aborted once in CI ("terminate called without an active exception").
+    accelerator.wait_for_everyone()
     accelerator.end_training()
 
 
