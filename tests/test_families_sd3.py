@@ -272,7 +272,7 @@ def test_precompute_encodes_the_prompt_set_in_one_visit_and_steps_never_move_the
     c.text_encoders[2].register_forward_hook(lambda *_: calls.append(1))
     prompts = ["a cat", "a dog", "a red bird", "a cat", "a boat"]
     count, gib = sd3.precompute_prompts(c, prompts, max_gib=1.0)
-    assert count == 4 and len(calls) == 4 and len(visits) == 2  # the first prompt (to size the cache), then the rest
+    assert count == 4 and len(calls) == 4 and len(visits) == 1  # every prompt in one visit of the encoders
     entry = c.prompt_cache["a dog"]  # [1, 77 + 256, 96] hidden states and [1, 80] pooled, fp32
     assert entry["encoder_hidden_states"].shape == (1, 333, 96) and entry["pooled_projections"].shape == (1, 80)
     assert gib == 4 * (333 * 96 + 80) * 4 / 2**30
@@ -315,8 +315,8 @@ def test_tiny_sd3_run_trains(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["nonfinite"] == 0 and r["grad_norm"] > 0 for r in records)
     assert all(math.isfinite(r["loss"]) for r in records)
-    # Every prompt encoded at start-up (the negative, the first prompt, the rest): no step or evaluation encodes.
-    assert visits[:2] == [1, 1] and visits[2] > 1 and len(visits) > 3 and not any(visits[3:]), visits
+    # Every prompt encoded at start-up (the negative, then the whole set at once): no step or evaluation encodes.
+    assert [n for n, _ in visits[:2]] == [1, 49] and len(visits) > 2 and not any(n for n, _ in visits[2:]), visits
     initial = json.loads((run / "eval_initial.json").read_text())["reward_mean"]
     final = json.loads((run / "eval_final.json").read_text())["reward_mean"]
     assert final > initial  # same prompts, same noise: the trained LoRA scores higher

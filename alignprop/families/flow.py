@@ -126,30 +126,32 @@ def encode_prompts(components, prompts, encode_batch):
     return {k: torch.cat([cache[p][k] for p in prompts]).to(device, non_blocking=True) for k in names}
 
 
-def fill_prompt_cache(components, prompts, encode_batch):
-    """Encode the prompts not yet in the cache, each alone, in one visit of the text encoders; returns how many."""
-    cache = components.prompt_cache
-    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-    if missing:
-        with text_encoders_on(components, device_of(components.denoiser)), torch.no_grad():
-            for prompt in missing:
-                cache[prompt] = {k: v.cpu() for k, v in encode_batch([prompt]).items()}
-    return len(missing)
+def fill_prompt_cache(components, prompts, encode_batch, max_gib=None):
+    """Encode the prompts not yet in the cache, each alone, in one visit of the text encoders. With `max_gib`: stop
+    after the first one if the embeddings of all `prompts` would take more GiB of CPU memory than that. Returns
+    (prompts encoded, GiB of all `prompts`' embeddings, None where stopped)."""
+    cache, unique = components.prompt_cache, list(dict.fromkeys(prompts))
+    missing = [p for p in unique if p not in cache]
+    if not missing:
+        return 0, 0.0
+    with text_encoders_on(components, device_of(components.denoiser)), torch.no_grad():
+        for i, prompt in enumerate(missing):
+            cache[prompt] = {k: v.cpu() for k, v in encode_batch([prompt]).items()}
+            if i == 0:
+                gib = sum(v.numel() * v.element_size() for v in cache[prompt].values()) * len(unique) / 2**30
+                if max_gib is not None and gib > max_gib:
+                    return 1, None
+    return len(missing), gib
 
 
 def precompute_prompts(components, prompts, encode_batch, max_gib):
-    """Fill the prompt cache with every prompt of `prompts` at start-up, unless the embeddings would take more
-    than `max_gib` GiB of CPU memory (judged from the first prompt's). Returns (prompts encoded, GiB or None when
-    skipped); a no-op without `cache_prompt_embeddings`."""
-    unique = list(dict.fromkeys(prompts))
-    if not components.cache_prompt_embeddings or not unique:
+    """Fill the prompt cache with every prompt of `prompts` at start-up, in one visit of the text encoders, unless
+    the embeddings would take more than `max_gib` GiB of CPU memory (judged from the first prompt's). Returns
+    (prompts encoded, GiB or None when skipped); a no-op without `cache_prompt_embeddings`."""
+    if not components.cache_prompt_embeddings:
         return 0, 0.0
-    fill_prompt_cache(components, unique[:1], encode_batch)
-    one = sum(v.numel() * v.element_size() for v in components.prompt_cache[unique[0]].values())
-    gib = one * len(unique) / 2**30
-    if gib > max_gib:
-        return 0, None
-    return 1 + fill_prompt_cache(components, unique[1:], encode_batch), gib
+    count, gib = fill_prompt_cache(components, prompts, encode_batch, max_gib)
+    return (0, None) if gib is None else (count, gib)
 
 
 class PromptCache:
