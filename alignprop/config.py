@@ -17,7 +17,7 @@ import ml_collections
 from alignprop.errors import ConfigError, UserError
 
 DEFAULT = "config/align_prop.py:aesthetic"
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LOG_WITH = ("none", "wandb", "tensorboard")
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 

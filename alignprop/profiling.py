@@ -79,7 +79,7 @@ def lora_grads_of_one_rollout(trainer, k, seed=1234):
     return batch.images.float(), batch.rewards.float(), grads
 
 
-UNDERFLOW_SCALES = (2.0**16, 2.0**20, 2.0**24)
+UNDERFLOW_SCALES = (2.0**16, 2.0**18, 2.0**20, 2.0**22, 2.0**24)
 
 
 def zero_gradient_fraction(trainer, k, scales=UNDERFLOW_SCALES, seed=1234):

@@ -24,11 +24,27 @@ def flow(config, num_steps=28):
     config.model.cache_prompt_embeddings = True
 
 
+def low_memory_plan(config):
+    """The checkpoint plan of the 1024 px experiments that must fit a 24 GB card (SDXL, SD3.5 medium): every grad
+    step's denoiser call and its blocks recomputed (the last one too: its kept block inputs would be ~1 GiB per
+    sample), the VAE decoder recomputed per image and per block (its backward then holds one block's activations:
+    6.1 instead of 11.6 GiB at 1024 px in bf16, estimated), for one more denoiser forward per grad step and one
+    more decoder forward per image."""
+    config.speed.uncheckpointed_steps = 0
+    config.speed.checkpoint_blocks = True
+    config.speed.decode_chunk = 1
+    config.speed.checkpoint_decode = True
+    config.speed.checkpoint_vae_blocks = True
+
+
 def sd35(config):
     config.model.family = "sd3"
     config.model.source = "stabilityai/stable-diffusion-3.5-medium"  # gated: accept the license on the hub
     config.sample.guidance_scale = 7.0  # StableDiffusion3Pipeline's default
     flow(config)
+    # 26.8 GiB at batch 1 on an H200 with the flow defaults (the last grad step uncheckpointed, the decoder's
+    # blocks kept): over a 24 GB card. The large model (8.06B) needs more than 24 GB in any plan.
+    low_memory_plan(config)
 
 
 def flux(config):
@@ -50,16 +66,10 @@ def sdxl(config):
     config.sample.guidance_scale = 5.0
     config.sample.eval_batch_size = 4
     # A 1024 px sample is 4x a 512 px one: batch 1 per GPU (a 24 GB card), the paper's effective batch of 128
-    # through accumulation. The checkpoint plan: every grad step's UNet call and its blocks recomputed (the last
-    # one too: its kept block inputs would be 0.9 GiB per sample), the VAE decoder recomputed per image and per
-    # block. Estimated peak (bf16, counted without a GPU, so an estimate): 13.2 GiB at batch 1 or 4, any K
-    # (7.05 GiB of weights + the backward of the decoder's largest block, 6.1 GiB); 15.3 at batch 8.
+    # through accumulation, and the low-memory checkpoint plan: 17.9 GiB measured at batch 1 and 4, K=1 and 10
+    # (H200, BENCHMARKS.md).
     config.train.batch_size_per_gpu = 1
-    config.speed.uncheckpointed_steps = 0
-    config.speed.checkpoint_blocks = True
-    config.speed.decode_chunk = 1
-    config.speed.checkpoint_decode = True
-    config.speed.checkpoint_vae_blocks = True
+    low_memory_plan(config)
 
 
 def tiny(config):
@@ -112,6 +122,7 @@ def tiny_sd3(config):
     config.model.family, config.model.source = "sd3", "tiny:sd35"
     config.sample.guidance_scale = 7.0
     config.model.offload_text_encoders = config.model.cache_prompt_embeddings = True
+    low_memory_plan(config)  # the SD3.5 configs' checkpoint plan, so that the tiny run goes through it
 
 
 def tiny_flux(config):
@@ -130,6 +141,4 @@ def tiny_sdxl(config):
     config.model.family = "sdxl"
     config.model.source = "tiny:sdxl"
     config.sample.guidance_scale = 5.0
-    # The SDXL configs' checkpoint plan, so that the tiny run goes through it.
-    config.speed.uncheckpointed_steps = 0
-    config.speed.checkpoint_vae_blocks = True
+    low_memory_plan(config)  # the SDXL configs' checkpoint plan, so that the tiny run goes through it

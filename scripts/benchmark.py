@@ -40,7 +40,7 @@ def parser():
     ap.add_argument("--iters", type=int, default=3,
                     help="timed steps per K after one warm-up step (0: time the warm-up step itself)")
     ap.add_argument("--precision", default=None, choices=["fp16", "bf16", "no"],
-                    help="default: the config's mixed_precision (fp16 for SD, bf16 for SDXL)")
+                    help="default: the config's mixed_precision (auto: bf16 on a GPU that has it)")
     ap.add_argument("--methods", default=None,
                     help="comma-separated config.train.method names to time in turn (default: the config's method); "
                          "NAME+kl adds DRaFT+'s penalty (config.train.kl_coeff, or --kl-coeff where that is 0). "
@@ -58,7 +58,7 @@ def parser():
                          "compiled vs eager")
     ap.add_argument("--underflow", type=int, default=0, metavar="K",
                     help="the fraction of LoRA-B gradient entries that come out exactly zero after one rollout with "
-                         "this K, for loss scales 2^16, 2^20, 2^24 (fp16's underflow; fp32 and bf16 have none)")
+                         "this K, for loss scales 2^16 to 2^24 (fp16's underflow; fp32 and bf16 have none)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense bf16 peak TFLOP/s (default: known for H100/H200/A100, else not reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -124,9 +124,9 @@ def main(argv):
             configs.override(config, key, value)
         # Full-size architectures with random weights (the compute and memory of the real run), or tiny models.
         full_size_defaults(config, args, overrides)
+        speed.resolve_precision(config)
         accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                   kwargs_handlers=training.accelerator_handlers(config))
-        speed.check_precision(config.mixed_precision, accelerator.device)
         n = accelerator.num_processes
         total = args.total_batch or args.batch * n
         config.train.total_batch_size = config.train.total_samples_per_epoch = total

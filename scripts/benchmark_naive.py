@@ -72,7 +72,7 @@ def main(argv):
             configs.override(config, key, value)
         full_size_defaults(config, args, overrides)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        speed.check_precision(config.mixed_precision, device)
+        speed.resolve_precision(config, device)
         configs.check_sampling(config)
         family, source = families.resolve(config.model)
     except UserError as e:

@@ -6,8 +6,9 @@
 #     PROMPTS=offline OUT=results bash scripts/benchmark_suite.sh flux          # a machine without the hub's prompts
 #
 # Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled), sd35, sd354,
-# flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), methods (SD 1.5 size),
-# methods35 (SD3.5 medium), underflow (fp16's zero LoRA-B gradients at K=1 and 3, SD 1.5 size). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
+# flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with
+# each knob of the low-memory plan off in turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's
+# zero LoRA-B gradients at K=1 and 3, SD 1.5 size, and K=1 in bf16 and fp32 beside them). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
 # with their exit codes (124: its time limit).
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
@@ -35,6 +36,10 @@ for group in "$@"; do
         sdxlc) run sdxl_b1_compiled 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 ;;
         sd35) run sd35_b1_eager 300 scripts/benchmark.py $S3 --batch 1 --ks 1,4 --iters 2 $E
               run sd35_b1_naive 300 scripts/benchmark_naive.py $S3 --batch 1 --ks 1,4 --iters 2 ;;
+        sd35knobs) run sd35_b1_last_step_kept 300 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $E \
+                       --config.speed.uncheckpointed_steps=1
+                   run sd35_b1_vae_blocks_kept 300 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $E \
+                       --config.speed.checkpoint_vae_blocks=False ;;
         sd354) run sd35_b4_eager 300 scripts/benchmark.py $S3 --batch 4 --ks 1,4 --iters 1 $E
                run sd35_b4_naive 300 scripts/benchmark_naive.py $S3 --batch 4 --ks 1,4 --iters 1 ;;
         flux) run flux_b1_eager 360 scripts/benchmark.py $FX --batch 1 --ks 1,4 --iters 2 $E
@@ -44,7 +49,9 @@ for group in "$@"; do
         methods) run methods_sd15 300 scripts/benchmark.py --batch 4 --ks 1 --iters 3 $M $E ;;
         methods35) run methods_sd35 400 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $M $E ;;
         underflow) run underflow_k1 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E
-                   run underflow_k3 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 3 $E ;;
-        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd354 flux flux4 methods methods35 underflow" >&2; exit 2 ;;
+                   run underflow_k3 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 3 $E
+                   run underflow_k1_bf16 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E --precision bf16
+                   run underflow_k1_fp32 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E --precision no ;;
+        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd35knobs sd354 flux flux4 methods methods35 underflow" >&2; exit 2 ;;
     esac
 done

@@ -54,8 +54,8 @@ def soup(args, config):
     from alignprop.rollout import Rollout, SampleSpec
     from alignprop.tracking import captions, image_grid
 
+    speed.resolve_precision(config)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    speed.check_precision(config.mixed_precision, accelerator.device)
     out = args.out or os.path.join(config.logdir, "soup")
     os.makedirs(out, exist_ok=True)
     speed.set_torch_flags(config.speed)

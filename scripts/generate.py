@@ -80,7 +80,7 @@ def generate(args, config):
     from alignprop import families, speed
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    speed.check_precision(config.mixed_precision, device)
+    speed.resolve_precision(config, device)
     family, source = families.resolve(config.model)
     components = families.load_frozen(family, source, config, device)
     height, width = family.image_size(components, config.sample.height, config.sample.width)

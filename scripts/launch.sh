@@ -2,7 +2,8 @@
 # Launch one named experiment of config/align_prop.py on every visible GPU (CUDA_VISIBLE_DEVICES is
 # respected); the same effective batch on any GPU count through gradient accumulation.
 #   scripts/launch.sh EXPERIMENT [--config.key=value ...]
-# MIXED_PRECISION (fp16 by default; bf16 or no) is passed to accelerate and to the config alike.
+# MIXED_PRECISION (auto, no, fp16 or bf16), when set, is passed to accelerate and to the config alike; unset, the
+# experiment's own config.mixed_precision holds (the base default "auto": bf16 on a GPU that has it).
 # One GPU (or none): the script runs directly, so its message and exit code are the user's. Several: the config
 # is checked for that many processes first (one message, nothing loaded), then accelerate launches them.
 set -euo pipefail
@@ -10,11 +11,12 @@ cd "$(dirname "$0")/.."
 name=$1
 shift
 num_gpus=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
-mixed_precision=${MIXED_PRECISION:-fp16}
-args=(--config "config/align_prop.py:$name" --config.mixed_precision="$mixed_precision" "$@")
+args=(--config "config/align_prop.py:$name")
+if [ -n "${MIXED_PRECISION:-}" ]; then args+=(--config.mixed_precision="$MIXED_PRECISION"); fi
+args+=("$@")
 if [ "$num_gpus" -eq 1 ]; then
   exec python scripts/train.py "${args[@]}"
 fi
 python scripts/train.py "${args[@]}" --check "$num_gpus"
 exec accelerate launch --num_processes "$num_gpus" --num_machines 1 --multi_gpu \
-  --mixed_precision "$mixed_precision" --dynamo_backend no scripts/train.py "${args[@]}"
+  ${MIXED_PRECISION:+--mixed_precision "$MIXED_PRECISION"} --dynamo_backend no scripts/train.py "${args[@]}"

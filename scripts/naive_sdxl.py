@@ -102,8 +102,8 @@ def main(argv):
                 f"baseline is TRL 0.23.1's AlignProp step (BENCHMARKS.md)."
             )
         configs.check_sampling(config)
+        speed.resolve_precision(config)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        speed.check_precision(config.mixed_precision, accelerator.device)
     except UserError as e:
         raise SystemExit(str(e)) from None
     speed.set_torch_flags(config.speed)

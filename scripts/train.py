@@ -98,7 +98,7 @@ def train(config, spec=None, argv=None):
     """Train (or, with num_epochs=0, evaluate) as the config says; the run folder is this run's alone."""
     state = launch.process_state()
     settings = configs.check(config, state.num_processes)  # every check before any model is loaded
-    speed.check_precision(config.mixed_precision, state.device)
+    speed.resolve_precision(config, state.device)
     run, resume_checkpoint = open_run(config, settings, state, spec, argv)
     try:
         run_training(config, settings, run, resume_checkpoint)

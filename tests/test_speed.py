@@ -204,6 +204,28 @@ def test_precision_the_hardware_lacks(monkeypatch):
     speed.check_precision("bf16", torch.device("cuda", 0))
 
 
+def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_cpu(monkeypatch):
+    import ml_collections
+
+    from alignprop.errors import ConfigError
+
+    assert speed.auto_precision("cpu") == "no" and speed.inference_dtype("auto") == (
+        torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else
+        torch.float16 if torch.cuda.is_available() else torch.float32)
+    for has_bf16, expected in ((True, "bf16"), (False, "fp16")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, _v=has_bf16, **kwargs: _v)
+        assert speed.auto_precision(torch.device("cuda", 0)) == expected
+        config = ml_collections.ConfigDict({"mixed_precision": "auto"})
+        assert speed.resolve_precision(config, torch.device("cuda", 0)) == expected
+        assert config.mixed_precision == expected  # replaced in place, before accelerate sees it
+    config = ml_collections.ConfigDict({"mixed_precision": "auto"})
+    assert speed.resolve_precision(config, "cpu") == "no" and config.mixed_precision == "no"
+    # An explicit value is kept, and still checked against the hardware.
+    config = ml_collections.ConfigDict({"mixed_precision": "fp16"})
+    with pytest.raises(ConfigError, match=r"needs a CUDA GPU"):
+        speed.resolve_precision(config, "cpu")
+
+
 def test_torch_flags_follow_the_config_and_flux_keeps_cudnn_attention_off():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
              torch.backends.cuda.cudnn_sdp_enabled())
@@ -222,7 +244,8 @@ def test_torch_flags_follow_the_config_and_flux_keeps_cudnn_attention_off():
 
 def test_the_plan_in_force_is_described_at_start_up():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert speed.describe(config("config/align_prop.py:aesthetic"), cuda) == (
+    # (the scripts describe the plan after resolve_precision: "auto" is bf16 or fp16 by then; fp16 shows its scale)
+    assert speed.describe(config("config/align_prop.py:aesthetic", {"mixed_precision": "fp16"}), cuda) == (
         "speed plan: fp16, GradScaler from 65536; torch.compile on; each grad step's denoiser call recomputed in "
         "backward, but the last 1, inside it each block again; decoder in chunks of 1 image(s), recomputed; reward "
         "kept; cuDNN attention allowed")
