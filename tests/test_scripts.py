@@ -250,7 +250,8 @@ def test_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ddp = json.load(open(tmp_path / "bench_ddp.json"))
     assert ddp["ddp"] and ddp["k"]["1"]["finite"] and ddp["lora_identical_across_ranks"]
-    result = run_script(["scripts/benchmark.py", "--tiny", "--out", str(tmp_path)], timeout=300)
+    # fp16 asked for on the CPU: a clear error before any model loads (auto resolves to fp32 here and runs).
+    result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "fp16", "--out", str(tmp_path)], timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "config.mixed_precision='fp16' needs a CUDA GPU" in result.stderr
     # --methods: one row per method (and per K for the methods with one), the penalty with +kl.
