@@ -51,8 +51,7 @@ def auto_precision(device=None):
     Not fp16 where bf16 exists: at K=1, fp16 leaves 99.6% of the LoRA-B gradient entries of one rollout exactly
     zero at the GradScaler's 2^16 (68% even at 2^24), bf16 0.004%, fp32 none (SD 1.5 size, batch 4, H200;
     BENCHMARKS.md). bf16 keeps fp32's exponent range, so no loss scale is needed."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda":
+    if _device(device).type != "cuda":
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
@@ -60,11 +59,16 @@ def auto_precision(device=None):
 def resolve_precision(config, device=None):
     """`config.mixed_precision` with "auto" replaced (in place) by `auto_precision(device)`, then checked against
     the hardware (`check_precision`). Call it before accelerate's Accelerator is built. Returns the value."""
+    device = _device(device)
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_precision(device)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     check_precision(config.mixed_precision, device)
     return config.mixed_precision
+
+
+def _device(device):
+    """`device` as a torch.device; None: the GPU if there is one, else the CPU."""
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_precision(mixed_precision, device):

@@ -17,9 +17,8 @@ def base():
     # Seeds every random stream (noise, truncation, prompts, eval), combined with the process index.
     config.seed = 42
     # Precision of the frozen weights and autocast: "auto", "no" (fp32), "fp16" or "bf16". LoRA stays fp32.
-    # "auto": bf16 on a GPU that has it (Ampere and newer), else fp16 on a GPU, fp32 on the CPU. Not fp16 where
-    # bf16 exists: fp16's gradients underflow at small K (99.6% of the LoRA-B gradient entries exactly zero at
-    # K=1 with the GradScaler's 2^16, bf16 0.004%; BENCHMARKS.md). The paper's setting: "fp16".
+    # "auto": bf16 on a GPU that has it, else fp16 on a GPU, fp32 on the CPU (why: alignprop.speed.auto_precision).
+    # The paper's setting: "fp16".
     config.mixed_precision = "auto"
     # Number of epochs; one epoch is `train.total_samples_per_epoch` samples over all GPUs.
     config.num_epochs = 200
