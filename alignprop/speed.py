@@ -104,6 +104,9 @@ def problems(config):
     out = []
     if not isinstance(config.speed.compile_cache, str) or not config.speed.compile_cache:
         out.append(f"config.speed.compile_cache={config.speed.compile_cache!r}: must be 'auto', 'off' or a file path")
+    budget = config.speed.memory_budget_gib
+    if budget not in ("auto", "off") and not _positive_number(budget):
+        out.append(f"config.speed.memory_budget_gib={budget!r}: must be 'auto', 'off' or a number of GiB > 0")
     for key, what in (
         ("uncheckpointed_steps", "0: checkpoint every grad step"),
         ("decode_chunk", "0: decode all at once"),
@@ -112,6 +115,13 @@ def problems(config):
         if not (isinstance(value, int) and value >= 0):
             out.append(f"config.speed.{key}={value!r}: must be an int >= 0 ({what})")
     return out
+
+
+def _positive_number(value):
+    try:
+        return not isinstance(value, bool) and float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def prepare_scorer(scorer, device, dtype):
@@ -186,6 +196,11 @@ def prepare(components, speed, backend="inductor"):
         logger.info("torch.compile skipped on the CPU (config.speed.compile)")
         compiled = False
     if compiled:
+        # Under DDP, dynamo's DDPOptimizer splits the compiled grad graph at DDP's bucket boundaries (so that each
+        # bucket's all-reduce can start while the backward goes on): more graphs to compile, no fusion across the
+        # cuts, for the overlap of an all-reduce of a few MB of LoRA gradients that happens once per optimizer
+        # step. Off: a DDP-wrapped denoiser runs the very graphs of the single-process run.
+        torch._dynamo.config.optimize_ddp = False
         options = {"backend": backend, "dynamic": False}
         denoiser.compile(**options)
         components.vae.decoder.compile(**options)

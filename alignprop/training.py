@@ -8,7 +8,7 @@ import time
 import torch
 from torch.autograd.profiler import record_function
 
-from alignprop import lora, methods, speed
+from alignprop import lora, memory, methods, speed
 from alignprop.rewards import reward_loss
 from alignprop.rng import LORA_STREAM, RandomStreams, derive_seed, seeded
 from alignprop.rollout import Rollout, SampleSpec
@@ -83,6 +83,7 @@ class Trainer:
     reward_target: float = None
     max_grad_norm: float = 5.0
     kl_coeff: float = 0.0  # DRaFT+'s prediction-distance penalty (0: off)
+    memory_plan: object = None  # memory.MemoryPlan chosen from config.speed.memory_budget_gib (None: the config's)
 
 
 @dataclasses.dataclass
@@ -128,10 +129,15 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         progress=config.sample.progress_bar and accelerator.is_main_process,
     )
     precompute_prompts(config, settings, rollout)
+    method_reward = speed.reward_call(reward_fn, config.speed)
+    items = settings.prompts.items
+    memory_plan = memory.plan_memory(
+        config, rollout, method_reward, params, [items[i % len(items)] for i in range(settings.plan.batch_size_per_gpu)],
+        settings.method, accelerator.autocast)
     trainer = Trainer(
         accelerator=accelerator,
         rollout=rollout,
-        reward_fn=speed.reward_call(reward_fn, config.speed),
+        reward_fn=method_reward,
         prompt_set=settings.prompts,
         method=settings.method,
         optimizer=optimizer,
@@ -143,6 +149,7 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
         reward_target=config.reward.target,
         max_grad_norm=config.train.max_grad_norm,
         kl_coeff=config.train.kl_coeff,
+        memory_plan=memory_plan,
     )
     return trainer, lora_config
 

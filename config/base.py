@@ -177,6 +177,11 @@ def base():
     # shape under ~/.cache/alignprop/compile, or $XDG_CACHE_HOME), a file path, or "off". Saved after the first
     # optimizer step, loaded at start-up: a second run, a resume or an evaluation of the same shapes starts warm.
     speed.compile_cache = "auto"
+    # The checkpoint plan from the memory the run may use (alignprop/memory.py): "auto" (what the GPU has free at
+    # start-up, less a margin), a number of GiB, or "off". At start-up one grad call, one decode and the reward are
+    # measured on the card, and the fastest plan predicted to fit is chosen for checkpoint_blocks and
+    # uncheckpointed_steps (below: used as written with "off", and on the CPU); the start-up log prints it.
+    speed.memory_budget_gib = "auto"
     # Recompute each grad step's denoiser call in backward instead of storing its activations...
     speed.checkpoint_grad_steps = True
     # ...except the last this many grad steps (one forward less per step, one call's activations more).

@@ -19,15 +19,19 @@ same card:
     python scripts/benchmark.py --tiny --batch 2 --steps 4 --ks 1 --iters 1 --precision no  # CPU smoke test
 """
 
-import argparse
-import json
-import math
-import os
-import statistics
-import sys
 import time
 
-import torch
+START = time.perf_counter()  # the process's start, for the time to the first step (imports included)
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+
+import torch  # noqa: E402
 
 
 def parser():
@@ -53,6 +57,13 @@ def parser():
     ap.add_argument("--ddp", action="store_true",
                     help="run the grad steps through a one-process DistributedDataParallel wrapper (a world-size-1 "
                          "process group), as multi-GPU runs do, to compare with the unwrapped module on one GPU")
+    ap.add_argument("--ddp-optimizer", action="store_true",
+                    help="with --ddp: dynamo's DDPOptimizer back on (the compiled grad graph split at DDP's bucket "
+                         "boundaries, as before alignprop turned it off), to measure what the split costs")
+    ap.add_argument("--compile-cache", default=None, metavar="FILE",
+                    help="load torch.compile's cache artifacts from FILE if it exists, and save them there after the "
+                         "first step (a cold run writes it, a second run with the same shapes starts warm: run that "
+                         "one with a fresh TORCHINDUCTOR_CACHE_DIR to measure the file alone)")
     ap.add_argument("--compare-eager", type=int, default=0, metavar="K",
                     help="with torch.compile on: images, rewards and LoRA gradients of one rollout with this K, "
                          "compiled vs eager")
@@ -70,6 +81,11 @@ from alignprop.profiling import (  # noqa: E402
     bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, k_table, peak_gib, profile_step,
     save_results, train_step_synced, wrap_in_ddp, zero_gradient_fraction,
 )
+
+
+def max_k(ks, steps):
+    """The largest K of --ks ('uniform' reaches the number of steps), at most the number of steps."""
+    return min(steps, max(steps if k == "uniform" else int(k) for k in ks.split(",")))
 
 
 def runs(args, config):
@@ -118,7 +134,8 @@ def main(argv):
     config.mixed_precision = args.precision or config.mixed_precision
     config.sample.num_steps = args.steps
     config.train.batch_size_per_gpu = config.train.total_batch_size = config.train.total_samples_per_epoch = args.batch
-    config.train.truncation, config.train.k = "fixed", 1  # each K of --ks is set on the trainer below
+    # Each K of --ks is set on the trainer below; the memory plan is chosen for the largest.
+    config.train.truncation, config.train.k = "fixed", max_k(args.ks, args.steps)
     try:
         for key, value in overrides.items():
             configs.override(config, key, value)
@@ -136,6 +153,7 @@ def main(argv):
         raise SystemExit(str(e)) from None
     speed.set_torch_flags(config.speed)
     device = accelerator.device
+    speed.load_compile_cache(args.compile_cache)
     components = families.load_frozen(settings.family, settings.source, config, device)
     reward_fn = rewards.build(
         settings.reward, config.reward, config.seed, device, speed.inference_dtype(config.mixed_precision)
@@ -143,7 +161,9 @@ def main(argv):
     trainer, _ = training.make_trainer(config, settings, accelerator, components, reward_fn)
     if args.ddp:
         wrap_in_ddp(trainer, components)
+        torch._dynamo.config.optimize_ddp = args.ddp_optimizer
 
+    startup = time.perf_counter() - START
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     results = {
         "label": args.label,
@@ -157,19 +177,22 @@ def main(argv):
         "vae_dtype": str(components.vae.dtype).removeprefix("torch."),
         "processes": n,
         "ddp": args.ddp or n > 1,
+        "ddp_optimizer": bool(torch._dynamo.config.optimize_ddp),
         "accumulation": settings.plan.accumulation_steps,
         "total_batch": total,
         "torch": torch.__version__,
         "overrides": overrides,
         "plan": speed.describe(config, device),
+        "memory_plan": trainer.memory_plan and {
+            **dataclasses.asdict(trainer.memory_plan), "describe": trainer.memory_plan.describe(config.train.k)},
+        "startup_s": startup,  # process start to the trainer built (imports, models, the memory probe)
+        "compile_cache": args.compile_cache,
         "lora_params": sum(p.numel() for p in trainer.params),
         "k": {},
     }
     import diffusers, peft, transformers  # noqa: E401
 
     results.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
-    import dataclasses
-
     from alignprop.truncation import Truncation
 
     for key, name, kl_coeff, k in rows:
@@ -187,6 +210,9 @@ def main(argv):
             start = time.perf_counter()
             metrics = train_step_synced(trainer)  # warm-up (and compilation, with torch.compile on)
             first = time.perf_counter() - start
+            if "to_first_step_s" not in results:
+                results["to_first_step_s"] = time.perf_counter() - START
+                speed.save_compile_cache(args.compile_cache)
             times = [first]  # --iters 0: the warm-up step alone (its peak includes cuDNN's algorithm search)
             if args.iters and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

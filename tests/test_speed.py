@@ -258,3 +258,43 @@ def test_the_plan_in_force_is_described_at_start_up():
         "speed plan: bf16; torch.compile off; every grad step keeps its activations; decoder all at once, recomputed; "
         "reward kept; cuDNN attention off")
     assert speed.describe(config("config/align_prop.py:tiny"), cpu).startswith("speed plan: fp32; torch.compile off;")
+
+
+def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
+    """Through DDP (a world-size-1 gloo group), the compiled grad call is one graph, not DDPOptimizer's split at
+    the bucket boundaries (buckets made tiny here so that it would split), and gives the unwrapped gradients."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    compiled_graphs = []
+
+    def counting_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        from torch._dynamo.backends.debugging import aot_eager
+
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    prepared = speed.prepare(lora_components, compiling(), backend=counting_backend)
+    unwrapped = run(lora_components, sd, 2, prepared)
+    before = len(compiled_graphs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    try:
+        monkeypatch.setattr(torch.distributed, "_DEFAULT_FIRST_BUCKET_BYTES", 256)
+        ddp = DistributedDataParallel(lora_components.denoiser, bucket_cap_mb=256 / 2**20)
+        torch._dynamo.reset()  # recompile inside DDP's forward, where DDPOptimizer would act
+        compiled_graphs.clear()
+        rollout = Rollout(sd, lora_components, SampleSpec(STEPS, 7.5), prepared, ddp)
+        latents = rollout.initial_latents(2, torch.Generator().manual_seed(0))
+        images = rollout(rollout.encode(PROMPTS), latents, grad_suffix(STEPS, 2))
+        wrapped = images.detach(), lora_grads(lora_components.denoiser, fixed_reward(images).sum())
+    finally:
+        dist.destroy_process_group()
+    # the no-grad graph, the grad graph (one, unsplit) and the decoder's: as many as without DDP
+    assert len(compiled_graphs) == before
+    assert_same(wrapped, unwrapped)
