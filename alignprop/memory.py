@@ -210,12 +210,15 @@ def _release():
 
 def plan_memory(config, rollout, reward_fn, params, items, method, autocast):
     """Choose and apply the checkpoint plan of `config.speed.memory_budget_gib` ("off": the config's own
-    `checkpoint_blocks` and `uncheckpointed_steps`). Returns the MemoryPlan, or None where none was chosen (off,
-    or not on a GPU: the budget is the card's memory)."""
+    `checkpoint_blocks` and `uncheckpointed_steps`). Returns the MemoryPlan, or None where none was chosen (off;
+    not on a GPU, where the budget is the card's memory; or with every grad step kept by the config)."""
     setting = config.speed.memory_budget_gib
-    if setting == "off" or rollout.device.type != "cuda":
-        if setting != "off":
-            logger.info("memory plan: the config's checkpoint plan (config.speed.memory_budget_gib needs a GPU)")
+    if setting == "off":
+        return None
+    if rollout.device.type != "cuda" or not config.speed.checkpoint_grad_steps:
+        why = "needs a GPU" if rollout.device.type != "cuda" else "plans recomputed grad steps, and " \
+            "config.speed.checkpoint_grad_steps=False keeps every one"
+        logger.info("memory plan: the config's checkpoint plan (config.speed.memory_budget_gib %s)", why)
         return None
     k_max = max_grad_calls(method)
     sizes = measure(rollout, reward_fn, params, items, autocast, CudaMeter(rollout.device))
