@@ -190,6 +190,9 @@ def main(argv):
         "lora_params": sum(p.numel() for p in trainer.params),
         "k": {},
     }
+    if accelerator.is_main_process:
+        print("plan", json.dumps({"plan": results["plan"], "memory_plan": results["memory_plan"],
+                                  "startup_s": startup}), flush=True)
     import diffusers, peft, transformers  # noqa: E401
 
     results.update(diffusers=diffusers.__version__, transformers=transformers.__version__, peft=peft.__version__)
@@ -243,6 +246,7 @@ def main(argv):
         results["k"][key] = row
         if accelerator.is_main_process:
             print(f"K={key}", json.dumps(row), flush=True)
+            save_results(results, args.out, args.label)  # each row as it comes: a run cut by its time limit keeps them
 
     if args.underflow:
         results["zero_lora_b_grad_fraction"] = {
