@@ -55,11 +55,19 @@ class MemoryPlan:
                 f"steps at K={k_max}")
 
 
-def predicted_peak(sizes, blocks, kept):
-    """Bytes at the step's peak: the kept steps' activations while the decoder, the reward and then the
-    backward of one recomputed step run on top of them."""
-    variable = kept * sizes.held[blocks] + max(sizes.post, sizes.step_peak[blocks])
-    return sizes.base + int(SLACK * variable)
+def predicted_peak(sizes, blocks, kept, k_max):
+    """Bytes at the step's peak with `kept` of `k_max` grad steps keeping their activations. The backward runs
+    from the last step to the first, so the peak is the largest of: the kept steps' activations under the decoder
+    and the reward; the kept steps' backward (the last one's transient on the others'); and, once the kept steps
+    are freed, one recomputed step's forward and backward."""
+    kept = min(kept, k_max)
+    held, step = sizes.held[blocks], sizes.step_peak[blocks]
+    phases = [kept * held + sizes.post]
+    if kept:
+        phases.append((kept - 1) * held + step)
+    if kept < k_max:
+        phases.append(step)
+    return sizes.base + int(SLACK * max(phases))
 
 
 def cost(blocks, kept, k_max):
@@ -75,13 +83,13 @@ def choose(sizes, budget_bytes, k_max):
         if blocks not in sizes.held:  # its probe did not fit on the card
             continue
         for kept in range(k_max + 1):
-            peak = predicted_peak(sizes, blocks, kept)
+            peak = predicted_peak(sizes, blocks, kept, k_max)
             candidates.append((cost(blocks, kept, k_max), peak, blocks, kept))
     fitting = [c for c in candidates if c[1] <= budget_bytes]
     if fitting:
         c, peak, blocks, kept = min(fitting)
         return MemoryPlan(blocks, kept, peak, budget_bytes, c, True)
-    peak = predicted_peak(sizes, True, 0) if True in sizes.held else sizes.base
+    peak = predicted_peak(sizes, True, 0, k_max) if True in sizes.held else sizes.base
     return MemoryPlan(True, 0, peak, budget_bytes, cost(True, 0, k_max), False)
 
 

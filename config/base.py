@@ -177,11 +177,12 @@ def base():
     # shape under ~/.cache/alignprop/compile, or $XDG_CACHE_HOME), a file path, or "off". Saved after the first
     # optimizer step, loaded at start-up: a second run, a resume or an evaluation of the same shapes starts warm.
     speed.compile_cache = "auto"
-    # The checkpoint plan from the memory the run may use (alignprop/memory.py): "auto" (what the GPU has free at
-    # start-up, less a margin), a number of GiB, or "off". At start-up one grad call, one decode and the reward are
-    # measured on the card, and the fastest plan predicted to fit is chosen for checkpoint_blocks and
-    # uncheckpointed_steps (below: used as written with "off", and on the CPU); the start-up log prints it.
-    speed.memory_budget_gib = "auto"
+    # The checkpoint plan from the memory the run may use (alignprop/memory.py): "off" (checkpoint_blocks and
+    # uncheckpointed_steps below as written: the low-memory plan), "auto" (what the GPU has free at start-up, less a
+    # margin) or a number of GiB. At start-up one grad call, one decode and the reward are measured on the card, and
+    # the plan with the fewest denoiser forwards predicted to fit is used and printed. Off by default until its
+    # compiled K=50 step is measured (BENCHMARKS.md: at 15 GiB, eager, it predicted 12.7 GiB and peaked at 11.4).
+    speed.memory_budget_gib = "off"
     # Recompute each grad step's denoiser call in backward instead of storing its activations...
     speed.checkpoint_grad_steps = True
     # ...except the last this many grad steps (one forward less per step, one call's activations more).

@@ -27,9 +27,13 @@ def test_cost_counts_denoiser_forwards():
 
 
 def test_predicted_peak():
-    # The kept steps' activations, then the larger of the decoder/reward and one recomputed call on top.
-    assert memory.predicted_peak(SIZES, False, 3) == 4 * GIB + int(SLACK * (3 * 6 + 7) * GIB)
-    assert memory.predicted_peak(SIZES, True, 0) == 4 * GIB + int(SLACK * 2 * GIB)
+    # Backward runs last step first: the kept steps' activations under the decoder and reward (3 x 6 + 2), then their
+    # own backward (2 x 6 + 7), then, with them freed, a recomputed call alone (7).
+    assert memory.predicted_peak(SIZES, False, 3, 50) == 4 * GIB + int(SLACK * (3 * 6 + 2) * GIB)
+    assert memory.predicted_peak(SIZES, False, 0, 50) == 4 * GIB + int(SLACK * 7 * GIB)
+    assert memory.predicted_peak(SIZES, False, 1, 1) == 4 * GIB + int(SLACK * max(6 + 2, 7) * GIB)
+    assert memory.predicted_peak(SIZES, True, 0, 50) == 4 * GIB + int(SLACK * 2 * GIB)
+    assert memory.predicted_peak(SIZES, True, 9, 4) == memory.predicted_peak(SIZES, True, 4, 4)  # at most K kept
 
 
 def test_an_ample_budget_keeps_every_grad_step_with_its_blocks():
@@ -40,7 +44,7 @@ def test_an_ample_budget_keeps_every_grad_step_with_its_blocks():
 
 @pytest.mark.parametrize("kept", [0, 1, 4])
 def test_the_budget_decides_how_many_steps_keep_their_activations(kept):
-    exact = memory.predicted_peak(SIZES, False, kept)
+    exact = memory.predicted_peak(SIZES, False, kept, 50)
     plan = memory.choose(SIZES, exact, k_max=50)
     assert (plan.checkpoint_blocks, plan.uncheckpointed_steps, plan.predicted_bytes) == (False, kept, exact)
     below = memory.choose(SIZES, exact - 1, k_max=50)
@@ -49,12 +53,12 @@ def test_the_budget_decides_how_many_steps_keep_their_activations(kept):
 
 
 def test_blocks_recomputed_when_one_call_with_its_blocks_does_not_fit():
-    budget = memory.predicted_peak(SIZES, False, 0) - 1
+    budget = memory.predicted_peak(SIZES, False, 0, 50) - 1
     plan = memory.choose(SIZES, budget, k_max=50)
     assert plan.checkpoint_blocks and plan.fits
     # With the blocks recomputed each kept step holds 0.5 GiB and saves one forward: as many as fit.
     kept = plan.uncheckpointed_steps
-    assert memory.predicted_peak(SIZES, True, kept) <= budget < memory.predicted_peak(SIZES, True, kept + 1)
+    assert memory.predicted_peak(SIZES, True, kept, 50) <= budget < memory.predicted_peak(SIZES, True, kept + 1, 50)
 
 
 def test_k1_blocks_off_when_it_fits():
@@ -66,7 +70,7 @@ def test_k1_blocks_off_when_it_fits():
 def test_nothing_fits_gives_the_lowest_memory_plan_and_says_so():
     plan = memory.choose(SIZES, 5 * GIB, k_max=50)
     assert (plan.checkpoint_blocks, plan.uncheckpointed_steps, plan.fits) == (True, 0, False)
-    assert plan.predicted_bytes == memory.predicted_peak(SIZES, True, 0)
+    assert plan.predicted_bytes == memory.predicted_peak(SIZES, True, 0, 50)
     assert "does NOT fit" in plan.describe(50)
 
 
