@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from alignprop.families.base import expand_cond
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -145,7 +147,7 @@ def measure(rollout, reward_fn, params, items, autocast, meter):
     generator = torch.Generator(rollout.device).manual_seed(0)
     cond = rollout.encode(prompts)
     latents = rollout.initial_latents(batch, generator)
-    negative = None if rollout.negative is None else expand(rollout.negative, batch)
+    negative = None if rollout.negative is None else expand_cond(rollout.negative, batch)
     call = functools.partial(family.denoiser_call, denoiser)
     guided = family.guided_denoiser(components, call, cond, negative, rollout.spec)
     timestep = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
@@ -168,12 +170,6 @@ def measure(rollout, reward_fn, params, items, autocast, meter):
     finally:
         set_block_checkpointing(denoiser, blocks_before)
     return Sizes(base, held, step_peak, post)
-
-
-def expand(cond, batch):
-    from alignprop.families.base import expand_cond
-
-    return expand_cond(cond, batch)
 
 
 def _grad_call(guided, latents, timestep, meter):
