@@ -8,8 +8,12 @@
 # Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled), sd35, sd354,
 # flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with
 # each knob of the low-memory plan off in turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's
-# zero LoRA-B gradients at K=1 and 3, SD 1.5 size, and K=1 in bf16 and fp32 beside them). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them
-# with their exit codes (124: its time limit).
+# zero LoRA-B gradients at K=1 and 3, SD 1.5 size, and K=1 in bf16 and fp32 beside them); at SD 1.5 size, batch 4,
+# compiled (each compiles for ~280 s on an H200, so one or two per call): plan15 (the memory-budget plan at the
+# peer's 15 GiB, K=1 and 50), planoff (the low-memory plan, the same rows), warm (a cold run that saves the compile
+# cache, then a warm one from the file alone, a fresh inductor cache dir), ddp (K=50 through a one-process DDP, the
+# DDPOptimizer off as now and on as before). Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress
+# lists them with their exit codes (124: its time limit).
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
 P=""
@@ -52,6 +56,16 @@ for group in "$@"; do
                    run underflow_k3 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 3 $E
                    run underflow_k1_bf16 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E --precision bf16
                    run underflow_k1_fp32 200 scripts/benchmark.py --batch 4 --ks 1 --iters 0 --underflow 1 $E --precision no ;;
-        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd35knobs sd354 flux flux4 methods methods35 underflow" >&2; exit 2 ;;
+        plan15) run plan15 420 scripts/benchmark.py --batch 4 --ks 1,50 --iters 2 $P --config.speed.memory_budget_gib=15 ;;
+        planoff) run planoff 420 scripts/benchmark.py --batch 4 --ks 1,50 --iters 2 $P --config.speed.memory_budget_gib=off ;;
+        warm) C=$(mktemp -d)
+              TORCHINDUCTOR_CACHE_DIR=$C/cold run warm_cold 400 scripts/benchmark.py --batch 4 --ks 1 --iters 1 $P \
+                  --compile-cache $C/cache.bin
+              TORCHINDUCTOR_CACHE_DIR=$C/warm run warm_warm 200 scripts/benchmark.py --batch 4 --ks 1 --iters 1 $P \
+                  --compile-cache $C/cache.bin ;;
+        ddp) run ddp_after 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp
+             run ddp_before 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp --ddp-optimizer ;;
+        *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd35knobs sd354 flux flux4 methods methods35 underflow" \
+                "plan15 planoff warm ddp" >&2; exit 2 ;;
     esac
 done
