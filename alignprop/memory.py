@@ -13,12 +13,9 @@ cheapest plan at the run's largest K whose predicted peak fits the budget, and t
 """
 
 import dataclasses
-import functools
 import logging
 
 import torch
-
-from alignprop.families.base import expand_cond
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +44,15 @@ class MemoryPlan:
     budget_bytes: int
     cost: int  # denoiser forwards of the grad steps at the largest K
     fits: bool
+    k_max: int  # the largest K of the run, which the plan was chosen for
 
-    def describe(self, k_max):
+    def describe(self):
         blocks = "each block recomputed inside" if self.checkpoint_blocks else "blocks kept inside"
         verdict = "fits" if self.fits else "does NOT fit: the lowest-memory plan"
         return (f"memory plan: the last {self.uncheckpointed_steps} grad step(s) keep their activations, the rest "
                 f"recomputed in backward, {blocks}; predicted peak {self.predicted_bytes / GIB:.2f} GiB of a "
                 f"{self.budget_bytes / GIB:.2f} GiB budget ({verdict}); {self.cost} denoiser forwards for the grad "
-                f"steps at K={k_max}")
+                f"steps at K={self.k_max}")
 
 
 def predicted_peak(sizes, blocks, kept, k_max):
@@ -90,9 +88,9 @@ def choose(sizes, budget_bytes, k_max):
     fitting = [c for c in candidates if c[1] <= budget_bytes]
     if fitting:
         c, peak, blocks, kept = min(fitting)
-        return MemoryPlan(blocks, kept, peak, budget_bytes, c, True)
+        return MemoryPlan(blocks, kept, peak, budget_bytes, c, True, k_max)
     peak = predicted_peak(sizes, True, 0, k_max) if True in sizes.held else sizes.base
-    return MemoryPlan(True, 0, peak, budget_bytes, cost(True, 0, k_max), False)
+    return MemoryPlan(True, 0, peak, budget_bytes, cost(True, 0, k_max), False, k_max)
 
 
 def budget_bytes(setting, device):
@@ -102,14 +100,6 @@ def budget_bytes(setting, device):
         return int(float(setting) * GIB)
     free, total = torch.cuda.mem_get_info(device)
     return int(torch.cuda.memory_reserved(device) + free - max(2 * GIB, 0.06 * total))
-
-
-def max_grad_calls(method):
-    """The most denoiser calls with gradients one rollout of `method` can make (AlignProp's largest K)."""
-    if method.name in ("alignprop", "draft_k"):
-        t = method.truncation
-        return t.k if t.mode == "fixed" else (t.k_max or method.num_steps)
-    return {"draft_lv": 1, "refl": 1, "drtune": method.drtune_k}[method.name]
 
 
 class CudaMeter:
@@ -140,16 +130,14 @@ def measure(rollout, reward_fn, params, items, autocast, meter):
     more), and the decode of one chunk and the reward on the batch. Leaves no gradient, graph or RNG state
     behind, and block checkpointing as it found it. A probe that runs out of memory marks its plan as not
     fitting."""
-    denoiser, family, components = rollout.prepared.denoiser, rollout.family, rollout.components
+    denoiser = rollout.prepared.denoiser
     blocks_before = bool(getattr(denoiser, "is_gradient_checkpointing", False))
     prompts, metadata = [p for p, _ in items], [m for _, m in items]
     batch = len(prompts)
     generator = torch.Generator(rollout.device).manual_seed(0)
     cond = rollout.encode(prompts)
     latents = rollout.initial_latents(batch, generator)
-    negative = None if rollout.negative is None else expand_cond(rollout.negative, batch)
-    call = functools.partial(family.denoiser_call, denoiser)
-    guided = family.guided_denoiser(components, call, cond, negative, rollout.spec)
+    guided = rollout.guided(denoiser, cond, batch)
     timestep = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
     optimizer_states = 3 * sum(p.numel() * 4 for p in params)  # the fp32 gradient and AdamW's two moments
     base = meter.allocated() + optimizer_states
@@ -224,11 +212,11 @@ def plan_memory(config, rollout, reward_fn, params, items, method, autocast):
             "config.speed.checkpoint_grad_steps=False keeps every one"
         logger.info("memory plan: the config's checkpoint plan (config.speed.memory_budget_gib %s)", why)
         return None
-    k_max = max_grad_calls(method)
+    k_max = method.max_grad_calls
     sizes = measure(rollout, reward_fn, params, items, autocast, CudaMeter(rollout.device))
     plan = choose(sizes, budget_bytes(setting, rollout.device), k_max)
     apply(plan, rollout.prepared)
-    logger.info(plan.describe(k_max))
+    logger.info(plan.describe())
     if not plan.fits:
         logger.warning("the lowest-memory plan is predicted to need %.2f GiB, over config.speed.memory_budget_gib "
                        "(%.2f GiB): the run may run out of memory; lower config.train.batch_size_per_gpu",

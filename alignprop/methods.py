@@ -60,6 +60,14 @@ class Method:
         return cls(t.method, config.sample.num_steps, truncation.Truncation.from_config(config), t.lv_copies,
                    t.stop_last, t.drtune_k)
 
+    @property
+    def max_grad_calls(self):
+        """The most denoiser calls with gradients one rollout makes (AlignProp's largest K; DRaFT-LV's one last step,
+        on its n copies)."""
+        if self.name in ("alignprop", "draft_k"):
+            return self.truncation.largest
+        return self.drtune_k if self.name == "drtune" else 1
+
     def draw(self, generator):
         """This rollout's Plan, from `generator` (a CPU torch.Generator): one draw per rollout."""
         steps = self.num_steps

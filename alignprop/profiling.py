@@ -182,18 +182,12 @@ def denoiser_throughput(trainer, batch):
     """Seconds and TFLOP of one no-grad guided denoiser call (the CFG batch, or the batch alone for a family
     without CFG), through the compiled graph of the no-grad steps (the same shapes, dtype and grad mode: no
     new compilation)."""
-    import functools
-
     from torch.utils.flop_counter import FlopCounterMode
-
-    from alignprop.families.base import expand_cond
 
     rollout = trainer.rollout
     cond = rollout.encode(["a photo of a cat"] * batch)
     latents = rollout.initial_latents(batch, torch.Generator(rollout.device).manual_seed(0))
-    negative = None if rollout.negative is None else expand_cond(rollout.negative, batch)
-    call = functools.partial(rollout.family.denoiser_call, rollout.prepared.denoiser)
-    guided = rollout.family.guided_denoiser(rollout.components, call, cond, negative, rollout.spec)
+    guided = rollout.guided(rollout.prepared.denoiser, cond, batch)
     t = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
     with torch.no_grad(), trainer.accelerator.autocast():
         for _ in range(3):

@@ -61,6 +61,13 @@ class Rollout:
         """
         return self.decode(self.latents(cond, latents, grad_steps, generator))
 
+    def guided(self, module, cond, batch):
+        """(latents, timestep) -> `module`'s guided prediction for `cond` of `batch` samples (the family's CFG with
+        the negative conditioning, or its own guidance)."""
+        negative = None if self.negative is None else expand_cond(self.negative, batch)
+        call = functools.partial(self.family.denoiser_call, module)
+        return self.family.guided_denoiser(self.components, call, cond, negative, self.spec)
+
     def latents(self, cond, latents, grad_steps=(), generator=None, start=0, stop=None, detach_input=False,
                 penalty=None):
         """The sampling loop from `latents` at step `start` (see `sampling.sample` for `stop`, `detach_input`).
@@ -68,12 +75,10 @@ class Rollout:
         `penalty`, a list: each grad step appends the per-sample mean squared distance between its prediction and
         the base model's on the same input (the LoRA switched off, no gradient; DRaFT+'s KL-style penalty).
         """
-        negative = None if self.negative is None else expand_cond(self.negative, len(latents))
-        spec, call, timesteps = self.spec, self.family.denoiser_call, self.schedule.model_timesteps
+        timesteps = self.schedule.model_timesteps
 
         def denoiser(module, label):
-            guided = self.family.guided_denoiser(self.components, functools.partial(call, module), cond, negative,
-                                                 spec)
+            guided = self.guided(module, cond, len(latents))
 
             def denoise(x, i):
                 with record_function(label):

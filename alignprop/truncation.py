@@ -28,9 +28,14 @@ class Truncation:
         t = config.train
         return cls(t.truncation, config.sample.num_steps, t.k, t.k_min, t.k_max, t.cut_mean, t.cut_std)
 
+    @property
+    def largest(self):
+        """The largest K a draw can give."""
+        return int(self.k) if self.mode == "fixed" else self.num_steps if self.k_max is None else self.k_max
+
     def draw(self, generator):
         """K in [1, num_steps] for one rollout, from `generator` (a CPU torch.Generator)."""
-        k_max = self.num_steps if self.k_max is None else self.k_max
+        k_max = self.largest
         if self.mode == "fixed":
             return int(self.k)
         if self.mode == "uniform":

@@ -177,14 +177,14 @@ def main(argv):
         "vae_dtype": str(components.vae.dtype).removeprefix("torch."),
         "processes": n,
         "ddp": args.ddp or n > 1,
-        "ddp_optimizer": bool(torch._dynamo.config.optimize_ddp),
+        "ddp_optimizer": args.ddp_optimizer,
         "accumulation": settings.plan.accumulation_steps,
         "total_batch": total,
         "torch": torch.__version__,
         "overrides": overrides,
         "plan": speed.describe(config, device),
         "memory_plan": trainer.memory_plan and {
-            **dataclasses.asdict(trainer.memory_plan), "describe": trainer.memory_plan.describe(config.train.k)},
+            **dataclasses.asdict(trainer.memory_plan), "describe": trainer.memory_plan.describe()},
         "startup_s": startup,  # process start to the trainer built (imports, models, the memory probe)
         "compile_cache": args.compile_cache,
         "lora_params": sum(p.numel() for p in trainer.params),

@@ -291,3 +291,13 @@ def test_flow_clean_sample_prediction_and_renoise():
         torch.testing.assert_close(schedule.renoise(i, x, v), (1 - sigma) * x + sigma * v)
     # One Euler step to sigma = 0 from the last step lands on the predicted clean sample.
     torch.testing.assert_close(schedule.step(3, v, x), schedule.pred_x0(3, v, x))
+
+
+def test_max_grad_calls():
+    assert Method("alignprop", 50, Truncation("fixed", 50, 1)).max_grad_calls == 1
+    assert Method("alignprop", 50, Truncation("uniform", 50, k_min=1, k_max=30)).max_grad_calls == 30
+    assert Method("draft_k", 50, Truncation("fixed", 50, 5)).max_grad_calls == 5
+    assert Method("refl", 50, Truncation("fixed", 50, 1)).max_grad_calls == 1
+    assert Method("draft_lv", 50, Truncation("fixed", 50, 1), lv_copies=2).max_grad_calls == 1
+    assert Method("alignprop", 50, Truncation("uniform", 50, k_min=1)).max_grad_calls == 50  # k_max: the steps
+    assert Method("drtune", 50, Truncation("fixed", 50, 1), drtune_k=3).max_grad_calls == 3
