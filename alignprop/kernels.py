@@ -10,14 +10,15 @@
   W + scale·B·A (Hu et al. 2021), gives the plain model's speed, is differentiable in A and B, and is
   recomputed from the current A and B at every access, so checkpoint recomputation of any granularity
   sees the same weights. peft keeps owning the adapter (config, state dict, saving): only its forward
-  is switched.
+  is switched, by giving each merged layer one shared subclass of its peft class (not a parametrization:
+  torch's parametrize makes a new class per layer, and torch.compile guards on the class, so every block
+  would get a graph of its own).
 """
 
 import contextlib
 
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 
 class PatchConv2d(nn.Conv2d):
@@ -64,21 +65,29 @@ def use_patch_matmuls(model):
     return len(targets)
 
 
-class _LoRADelta(nn.Module):
-    """Parametrization W -> W + scale·B·A; A and B are referenced, not registered (peft owns them)."""
+def _merged_forward(self, x, *args, **kwargs):
+    """x·(W + scale·B·A)ᵀ + b: the merged forward of a peft LoRA Linear (adapter `self.merged_forward_adapter`)."""
+    base = self.base_layer
+    weight = base.weight
+    if self.merged_forward_on:
+        adapter = self.merged_forward_adapter
+        delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
+        weight = weight + delta.to(weight.dtype)
+    return F.linear(x, weight, base.bias)
 
-    def __init__(self, lora_A, lora_B, scaling):
-        super().__init__()
-        self._factors = (lora_A, lora_B)  # a tuple keeps them out of this module's parameters/state dict
-        self.scaling = scaling
-        self.enabled = True
 
-    def forward(self, weight):
-        if not self.enabled:
-            return weight
-        lora_A, lora_B = self._factors
-        delta = (lora_B.weight @ lora_A.weight) * self.scaling
-        return weight + delta.to(weight.dtype)
+_MERGED_CLASSES = {}
+
+
+def _merged_class(cls):
+    """The one subclass of peft layer class `cls` whose forward is the merged one (made once, shared by all)."""
+    if cls not in _MERGED_CLASSES:
+        _MERGED_CLASSES[cls] = type(f"Merged{cls.__name__}", (cls,), {"forward": _merged_forward})
+    return _MERGED_CLASSES[cls]
+
+
+def is_merged(layer):
+    return type(layer) in _MERGED_CLASSES.values()
 
 
 def lora_layers(model):
@@ -93,18 +102,15 @@ def merge_lora_forward(model, adapter="default"):
     """Switch every peft LoRA Linear of `model` (adapter `adapter`) to the merged forward; returns the count."""
     count = 0
     for layer in lora_layers(model):
-        if adapter not in layer.lora_A:
+        if adapter not in layer.lora_A or is_merged(layer):
             continue
-        base = layer.base_layer
-        if not isinstance(base, nn.Linear):
-            raise NotImplementedError(f"merged LoRA forward supports Linear layers, not {type(base).__name__}")
+        if type(layer.base_layer) is not nn.Linear:
+            raise NotImplementedError(
+                f"merged LoRA forward supports Linear layers, not {type(layer.base_layer).__name__}")
         if layer.use_dora.get(adapter) or not isinstance(layer.lora_dropout[adapter], nn.Identity):
             raise NotImplementedError("merged LoRA forward needs plain LoRA (no DoRA, no dropout)")
-        if parametrize.is_parametrized(base, "weight"):
-            continue
-        delta = _LoRADelta(layer.lora_A[adapter], layer.lora_B[adapter], layer.scaling[adapter])
-        parametrize.register_parametrization(base, "weight", delta, unsafe=True)
-        layer._disable_adapters = True  # peft's forward now calls base_layer(x) alone
+        layer.__class__ = _merged_class(type(layer))
+        layer.merged_forward_adapter, layer.merged_forward_on = adapter, True
         count += 1
     return count
 
@@ -113,18 +119,18 @@ def merge_lora_forward(model, adapter="default"):
 def lora_disabled(model):
     """The base model inside the block: every LoRA of `model` (merged or peft's) switched off, then back on.
     No second copy of the weights: the frozen weights are the base model's."""
-    merged = [m for m in model.modules() if isinstance(m, _LoRADelta)]
-    layers = [layer for layer in lora_layers(model) if not parametrize.is_parametrized(layer.base_layer, "weight")]
+    merged = [layer for layer in lora_layers(model) if is_merged(layer)]
+    layers = [layer for layer in lora_layers(model) if not is_merged(layer)]
     states = [layer._disable_adapters for layer in layers]
-    for m in merged:
-        m.enabled = False
+    for layer in merged:
+        layer.merged_forward_on = False
     for layer in layers:
         layer._disable_adapters = True
     try:
         yield
     finally:
-        for m in merged:
-            m.enabled = True
+        for layer in merged:
+            layer.merged_forward_on = True
         for layer, state in zip(layers, states):
             layer._disable_adapters = state
 
@@ -132,6 +138,6 @@ def lora_disabled(model):
 def unmerge_lora_forward(model):
     """Back to peft's side-branch forward (the base weights are left exactly as they were)."""
     for layer in lora_layers(model):
-        if parametrize.is_parametrized(layer.base_layer, "weight"):
-            parametrize.remove_parametrizations(layer.base_layer, "weight", leave_parametrized=False)
-            layer._disable_adapters = False
+        if is_merged(layer):
+            layer.__class__ = type(layer).__bases__[0]
+            del layer.merged_forward_adapter, layer.merged_forward_on

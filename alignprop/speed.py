@@ -83,6 +83,7 @@ def describe(config, device):
     """The speed and memory plan in force, in one line for the start-up log."""
     sp = config.speed
     compiled = sp.compile and device.type != "cpu"
+    scope = f" ({'its repeated blocks' if sp.compile_scope == 'blocks' else 'whole networks'})" if compiled else ""
     if not sp.checkpoint_grad_steps:
         grad = "every grad step keeps its activations"
     else:
@@ -94,9 +95,12 @@ def describe(config, device):
     decode += " (and its blocks)" if sp.checkpoint_decode and sp.checkpoint_vae_blocks else ""
     scale = f", GradScaler from {config.train.grad_scale_init:g}" if config.mixed_precision == "fp16" else ""
     precision = "fp32" if config.mixed_precision == "no" else config.mixed_precision
-    return (f"speed plan: {precision}{scale}; torch.compile {'on' if compiled else 'off'}; {grad}; "
+    return (f"speed plan: {precision}{scale}; torch.compile {'on' if compiled else 'off'}{scope}; {grad}; "
             f"{decode}; reward {'recomputed' if sp.checkpoint_reward else 'kept'}; cuDNN attention "
             f"{'allowed' if sp.cudnn_attention else 'off'}")
+
+
+COMPILE_SCOPES = ("blocks", "model")
 
 
 def problems(config):
@@ -104,6 +108,9 @@ def problems(config):
     out = []
     if not isinstance(config.speed.compile_cache, str) or not config.speed.compile_cache:
         out.append(f"config.speed.compile_cache={config.speed.compile_cache!r}: must be 'auto', 'off' or a file path")
+    if config.speed.compile_scope not in COMPILE_SCOPES:
+        out.append(f"config.speed.compile_scope={config.speed.compile_scope!r}: must be one of "
+                   f"{', '.join(map(repr, COMPILE_SCOPES))}")
     budget = config.speed.memory_budget_gib
     if budget not in ("auto", "off") and not _positive_number(budget):
         out.append(f"config.speed.memory_budget_gib={budget!r}: must be 'auto', 'off' or a number of GiB > 0")
@@ -176,14 +183,16 @@ class Prepared:
             return torch.cat([decode(z) for z in chunks])
 
 
-def prepare(components, speed, backend="inductor"):
+def prepare(family, components, speed, backend="inductor"):
     """Make `components` fast in place and return what the rollout runs (`config.speed` decides).
 
     The LoRA adapter named "default" (training's) runs merged into its weights; `compile` compiles the
     denoiser in place, so every call of it (through DDP too, forward and backward) runs compiled, and the
     VAE decoder likewise, with static shapes: each batch shape (training's, evaluation's) gets its own
-    graph instead of a slower shape-generic one. On the CPU, inductor is skipped (minutes of C++
-    compilation for little gain); tests pass backend="aot_eager" to trace without generating kernels.
+    graph instead of a slower shape-generic one. `compile_scope` says what is compiled: each network whole
+    ("model") or only `family`'s repeated blocks inside it ("blocks"). On the CPU, inductor is skipped
+    (minutes of C++ compilation for little gain); tests pass backend="aot_eager" to trace without generating
+    kernels.
     """
     denoiser = components.denoiser
     kernels.merge_lora_forward(denoiser)
@@ -202,8 +211,12 @@ def prepare(components, speed, backend="inductor"):
         # step. Off: a DDP-wrapped denoiser runs the very graphs of the single-process run.
         torch._dynamo.config.optimize_ddp = False
         options = {"backend": backend, "dynamic": False}
-        denoiser.compile(**options)
-        components.vae.decoder.compile(**options)
+        if speed.compile_scope == "blocks":
+            compile_blocks(denoiser, family.compile_blocks, options)
+            compile_blocks(components.vae.decoder, family.vae_compile_blocks, options)
+        else:
+            denoiser.compile(**options)
+            components.vae.decoder.compile(**options)
     return Prepared(
         denoiser=denoiser,
         vae=components.vae,
@@ -213,6 +226,28 @@ def prepare(components, speed, backend="inductor"):
         decode_chunk=speed.decode_chunk,
         checkpoint_decode=speed.checkpoint_decode,
     )
+
+
+# Regional compilation keeps one graph per (block class, input shapes, grad mode, block settings): a UNet's resnets
+# alone come in ~12 shapes at SDXL size, with and without grad, for the training and the evaluation batch, and the
+# VAE decoder's resnets share their code: far more than dynamo's default of 8 recompilations of one function, after
+# which it runs that function eagerly for good (tests/test_speed.py checks that every block call runs compiled).
+BLOCK_RECOMPILE_LIMIT = 128
+
+
+def compile_blocks(module, names, options):
+    """Compile, in place, every submodule of `module` whose class is named in `names` (regional compilation:
+    blocks of one class share their compiled graph wherever their shapes agree). Returns how many."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * BLOCK_RECOMPILE_LIMIT)
+    blocks = [m for m in module.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"config.speed.compile_scope='blocks': {type(module).__name__} has no {', '.join(names)}; "
+                         "use compile_scope='model'")
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
 
 
 def compile_cache_file(config):

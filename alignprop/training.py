@@ -113,7 +113,7 @@ def make_trainer(config, settings, accelerator, components, reward_fn):
     from alignprop import checkpoints
 
     lora_config = add_lora(config, settings.family, components, accelerator.device)
-    prepared = speed.prepare(components, config.speed)
+    prepared = speed.prepare(settings.family, components, config.speed)
     params = lora.trainable_parameters(components.denoiser)
     optimizer = build_optimizer(params, config.train)
     train_denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)

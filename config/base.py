@@ -173,6 +173,10 @@ def base():
     # decoder. The first step compiles (about 4-5 minutes at SD 1.5 size), then a step is ~1.6x faster and
     # lighter. Skipped on the CPU.
     speed.compile = True
+    # What is compiled: "model" (the denoiser and the decoder each as one graph) or "blocks" (only their repeated
+    # blocks, e.g. a UNet's transformer and resnet blocks, each class traced once per shape and reused: regional
+    # compilation, a much shorter first step; BENCHMARKS.md has both).
+    speed.compile_scope = "model"
     # Keep the compiled kernels between runs (torch.compile's portable cache artifacts): "auto" (a file per run
     # shape under ~/.cache/alignprop/compile, or $XDG_CACHE_HOME), a file path, or "off". Saved after the first
     # optimizer step, loaded at start-up: a second run, a resume or an evaluation of the same shapes starts warm.

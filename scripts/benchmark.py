@@ -215,6 +215,7 @@ def main(argv):
             first = time.perf_counter() - start
             if "to_first_step_s" not in results:
                 results["to_first_step_s"] = time.perf_counter() - START
+                results["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
                 speed.save_compile_cache(args.compile_cache)
             times = [first]  # --iters 0: the warm-up step alone (its peak includes cuDNN's algorithm search)
             if args.iters and torch.cuda.is_available():

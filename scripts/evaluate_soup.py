@@ -71,7 +71,7 @@ def soup(args, config):
     items = eval_items(settings.eval_prompts, config.sample.num_eval_samples)
     # The evaluation settings of training, so c = 1 without --lora_b matches its eval_final.
     rollout = Rollout(
-        family, components, SampleSpec.from_config(config.sample), speed.prepare(components, config.speed)
+        family, components, SampleSpec.from_config(config.sample), speed.prepare(family, components, config.speed)
     )
 
     def run_eval():

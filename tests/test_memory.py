@@ -126,7 +126,8 @@ def compiled_rollout(lora_components, sd):
     from alignprop import lora
 
     torch._dynamo.reset()
-    prepared = speed.prepare(lora_components, config(overrides={"speed.compile": True}).speed, backend="aot_eager")
+    compiled = config(overrides={"speed.compile": True}).speed
+    prepared = speed.prepare(sd, lora_components, compiled, backend="aot_eager")
     assert prepared.compiled
     return Rollout(sd, lora_components, SampleSpec(4, 7.5), prepared), lora.trainable_parameters(
         lora_components.denoiser)

@@ -206,7 +206,7 @@ def test_soup_table_plot_grids_and_end_points(tmp_path, one_thread):
         components = tiny_components(sd, seed=cfg.seed)
         lora.add_lora(components.denoiser, rank, alpha, sd.lora_targets)
         lora.load_into(components.denoiser, sd, path)
-        rollout = Rollout(sd, components, SampleSpec.from_config(cfg.sample), speed.prepare(components, cfg.speed))
+        rollout = Rollout(sd, components, SampleSpec.from_config(cfg.sample), speed.prepare(sd, components, cfg.speed))
         _, _, values = evaluate(rollout, reward_fn, items, cfg.seed, cfg.sample.eval_batch_size)
         row = next(r for r in table["rows"] if r["coefficient"] == c)
         assert row["rewards"]["total"]["mean"] == pytest.approx(values[:, 0].mean().item(), rel=1e-5, abs=1e-7)

@@ -20,9 +20,9 @@ def run(components, sd, k, prepared):
     return images.detach(), lora_grads(components.denoiser, fixed_reward(images).sum())
 
 
-def compiling():
+def compiling(overrides=None):
     """The speed settings of the real experiments (compile on; the tiny config turns it off)."""
-    return config(overrides={"speed.compile": True}).speed
+    return config(overrides={"speed.compile": True, **(overrides or {})}).speed
 
 
 def plain(components, **options):
@@ -91,7 +91,7 @@ def test_the_default_plan_gives_the_reference_gradient(lora_components, sd):
     """`speed.prepare` with the config's defaults (merged LoRA, block and call checkpointing but the last
     step, the decoder per image and checkpointed; compile skipped on the CPU) against plain autograd."""
     reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False))
-    prepared = speed.prepare(lora_components, config().speed)
+    prepared = speed.prepare(sd, lora_components, config().speed)
     assert (prepared.compiled, prepared.uncheckpointed_steps, prepared.decode_chunk) == (False, 1, 1)
     assert prepared.checkpoint_decode and lora_components.denoiser.is_gradient_checkpointing
     assert_same(run(lora_components, sd, 3, prepared), reference)
@@ -128,12 +128,12 @@ def test_checkpointed_reward_gives_the_same_gradient():
 
 
 @pytest.mark.parametrize("backend,compiled", [("inductor", False), ("aot_eager", True)])
-def test_compile_switch(components, backend, compiled):
+def test_compile_switch(components, sd, backend, compiled):
     """Inductor is skipped on the CPU; otherwise the denoiser (every call) and the VAE decoder are compiled in place."""
     import torch._dynamo
 
     try:
-        prepared = speed.prepare(components, compiling(), backend=backend)
+        prepared = speed.prepare(sd, components, compiling(), backend=backend)
         assert prepared.compiled == compiled
         assert (components.denoiser._compiled_call_impl is not None) == compiled
         assert (components.vae.decoder._compiled_call_impl is not None) == compiled
@@ -141,7 +141,41 @@ def test_compile_switch(components, backend, compiled):
         torch._dynamo.reset()
 
 
-def test_compiled_shapes_are_static(components):
+def test_compile_scope_blocks_compiles_the_repeated_blocks_only(components, sd):
+    import torch._dynamo
+
+    try:
+        speed.prepare(sd, components, compiling({"speed.compile_scope": "blocks"}), backend="aot_eager")
+        for module, names in ((components.denoiser, sd.compile_blocks),
+                              (components.vae.decoder, sd.vae_compile_blocks)):
+            assert module._compiled_call_impl is None
+            blocks = [m for m in module.modules() if type(m).__name__ in names]
+            assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+            assert {type(m).__name__ for m in blocks} == set(names)
+            others = [m for m in module.modules() if type(m).__name__ not in names]
+            assert all(m._compiled_call_impl is None for m in others)
+        assert torch._dynamo.config.recompile_limit >= speed.BLOCK_RECOMPILE_LIMIT
+    finally:
+        torch._dynamo.reset()
+
+
+def test_every_family_names_blocks_its_models_have():
+    """The block names of each family's regional compilation are classes its denoiser and VAE decoder contain."""
+    from alignprop import families
+    from helpers import tiny_components
+
+    for name in ("sd", "sdxl", "sd3", "flux"):
+        family = families.get(name)
+        components = tiny_components(family)
+        for module, names in ((components.denoiser, family.compile_blocks),
+                              (components.vae.decoder, family.vae_compile_blocks)):
+            present = {type(m).__name__ for m in module.modules()}
+            assert set(names) <= present, (name, set(names) - present)
+    with pytest.raises(ValueError, match=r"compile_scope='blocks': Decoder has no NoSuchBlock; use compile_scope"):
+        speed.compile_blocks(components.vae.decoder, ("NoSuchBlock",), {"backend": "aot_eager"})
+
+
+def test_compiled_shapes_are_static(components, sd):
     """A second batch size (evaluation's) gets its own static graph: torch.compile's default would
     recompile the first one shape-generic (symbolic sizes), slower for the training batch too."""
     import torch._dynamo
@@ -155,7 +189,7 @@ def test_compiled_shapes_are_static(components):
         return gm.forward
 
     try:
-        speed.prepare(components, compiling(), backend=recording_backend)
+        speed.prepare(sd, components, compiling(), backend=recording_backend)
         channels = components.vae.config.latent_channels
         with torch.no_grad():
             for batch in (1, 2, 1):
@@ -165,26 +199,70 @@ def test_compiled_shapes_are_static(components):
         torch._dynamo.reset()
 
 
-def test_compiled_rollout_gives_the_same_gradient(lora_components, sd):
-    """torch.compile of the denoiser (every call, grad and no-grad) and of the VAE decoder, through the
-    default plan (merged LoRA, checkpointing as in training).
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_rollout_gives_the_same_gradient(lora_components, sd, scope):
+    """torch.compile of the denoiser (every call, grad and no-grad) and of the VAE decoder, whole or block by
+    block, through the default plan (merged LoRA, checkpointing as in training).
 
     The "aot_eager" backend traces the graphs that inductor would compile (Dynamo capture, AOTAutograd's
     joint forward/backward and partition) without generating kernels, so this runs in seconds on a CPU;
     inductor's own kernels are compared against eager on the GPU by `scripts/benchmark.py --compare-eager`.
+    With blocks, every block call must run compiled, as one graph: as many compiled forwards as the same
+    rollout run eagerly makes block calls (no fallback to eager at dynamo's recompilation limit, no graph break
+    inside a block).
     """
     import torch._dynamo
 
     reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False))  # before compiling
+    calls, kinds = [], set()
+
+    def record(module, args, kwargs):
+        calls.append(type(module).__name__)
+        # What dynamo specialises a block's graph on: its class, its inputs' shapes, strides and grad flags, the
+        # grad mode, and the plain settings of the block and its submodules (not which block it is).
+        tensors = [(a.shape, a.stride(), a.requires_grad) for a in (*args, *kwargs.values())
+                   if isinstance(a, torch.Tensor)]
+        settings = tuple((type(m).__name__, tuple(sorted((k, v) for k, v in vars(m).items()
+                                                         if isinstance(v, (bool, int, float, str)))))
+                         for m in module.modules())
+        kinds.add((type(module).__name__, tuple(tensors), torch.is_grad_enabled(), settings))
+
+    graphs, forwards = [], []
+
+    def counting_backend(gm, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        graphs.append(gm)
+        compiled = aot_eager(gm, example_inputs)
+
+        def forward(*args):
+            forwards.append(gm)
+            return compiled(*args)
+
+        return forward
+
     torch._dynamo.reset()
     try:
-        prepared = speed.prepare(lora_components, compiling(), backend="aot_eager")
+        prepared = speed.prepare(sd, lora_components, compiling({"speed.compile_scope": scope}),
+                                 backend=counting_backend)
         assert prepared.compiled
+        names = (*sd.compile_blocks, *sd.vae_compile_blocks)
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
+                 for m in (*lora_components.denoiser.modules(), *lora_components.vae.decoder.modules())
+                 if type(m).__name__ in names]
+        with torch.compiler.set_stance("force_eager"):  # the same calls, run eagerly, recorded
+            run(lora_components, sd, 3, prepared)
+        for hook in hooks:
+            hook.remove()
+        assert not graphs
         ours = run(lora_components, sd, 3, prepared)
-        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     finally:
         torch._dynamo.reset()
-    assert graphs >= 3, "the denoiser (with and without grad) and the decoder should each have been captured"
+    if scope == "model":
+        assert len(graphs) >= 3, "the denoiser (with and without grad) and the decoder should each have been captured"
+    else:
+        # every call compiled; one graph per kind of call, shared by all the blocks of that kind
+        assert len(forwards) == len(calls) and len(graphs) == len(kinds), (len(forwards), len(graphs), len(kinds))
     assert_same(ours, reference, rtol=2e-4)
 
 
@@ -246,18 +324,20 @@ def test_the_plan_in_force_is_described_at_start_up():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     # (the scripts describe the plan after resolve_precision: "auto" is bf16 or fp16 by then; fp16 shows its scale)
     assert speed.describe(config("config/align_prop.py:aesthetic", {"mixed_precision": "fp16"}), cuda) == (
-        "speed plan: fp16, GradScaler from 65536; torch.compile on; each grad step's denoiser call recomputed in "
+        "speed plan: fp16, GradScaler from 65536; torch.compile on (whole networks); each grad step's denoiser call recomputed in "
         "backward, but the last 1, inside it each block again; decoder in chunks of 1 image(s), recomputed; reward "
         "kept; cuDNN attention allowed")
     assert speed.describe(config("config/align_prop.py:aesthetic_sdxl"), cuda) == (
-        "speed plan: bf16; torch.compile on; each grad step's denoiser call recomputed in backward, inside it each "
-        "block again; decoder in chunks of 1 image(s), recomputed (and its blocks); reward kept; cuDNN attention "
+        "speed plan: bf16; torch.compile on (its repeated blocks); each grad step's denoiser call recomputed in "
+        "backward, inside it each block again; decoder in chunks of 1 image(s), recomputed (and its blocks); reward kept; cuDNN attention "
         "allowed")
     flux = config("config/align_prop.py:hps_flux", {"speed.checkpoint_grad_steps": False, "speed.decode_chunk": 0})
     assert speed.describe(flux, cpu) == (
         "speed plan: bf16; torch.compile off; every grad step keeps its activations; decoder all at once, recomputed; "
         "reward kept; cuDNN attention off")
     assert speed.describe(config("config/align_prop.py:tiny"), cpu).startswith("speed plan: fp32; torch.compile off;")
+    blocks = config("config/align_prop.py:aesthetic", {"speed.compile_scope": "blocks"})
+    assert "; torch.compile on (its repeated blocks); " in speed.describe(blocks, cuda)
 
 
 def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
@@ -277,7 +357,7 @@ def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
         return aot_eager(gm, example_inputs)
 
     torch._dynamo.reset()
-    prepared = speed.prepare(lora_components, compiling(), backend=counting_backend)
+    prepared = speed.prepare(sd, lora_components, compiling(), backend=counting_backend)
     unwrapped = run(lora_components, sd, 2, prepared)
     before = len(compiled_graphs)
     with socket.socket() as s:
@@ -298,3 +378,17 @@ def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
     # the no-grad graph, the grad graph (one, unsplit) and the decoder's: as many as without DDP
     assert len(compiled_graphs) == before
     assert_same(wrapped, unwrapped)
+
+
+@pytest.mark.parametrize("value", ["block", "", True])
+def test_a_wrong_compile_scope_is_named_with_the_choices(value):
+    from alignprop import config as configs
+    from alignprop.errors import ConfigError
+
+    c = config("config/align_prop.py:tiny")
+    c.speed.compile_scope = value if isinstance(value, str) else "x"
+    if not isinstance(value, str):
+        with pytest.raises(TypeError):  # ml_collections keeps the key a string
+            c.speed.compile_scope = value
+    with pytest.raises(ConfigError, match=r"config.speed.compile_scope='(block|x|)': must be one of 'blocks', 'model'"):
+        configs.check(c, 1)

@@ -32,7 +32,7 @@ def make_trainer(components, sd):
         params = lora.trainable_parameters(components.denoiser)
         train = config(overrides={"train.learning_rate": learning_rate}).train
         optimizer = training.build_optimizer(params, train)
-        prepared = speed.prepare(components, config().speed)
+        prepared = speed.prepare(sd, components, config().speed)
         denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
         return training.Trainer(
             accelerator=accelerator,

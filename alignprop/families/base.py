@@ -82,6 +82,11 @@ class Family:
     denoiser_name = "unet"  # the pipeline's name for the denoiser: also the LoRA keys' prefix
     # The paper's LoRA targets: the attention projections of every attention block (overridable).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    # The repeated blocks of the denoiser and of the VAE decoder: what `config.speed.compile_scope="blocks"`
+    # compiles (regional compilation: each block class is traced once per shape and its graph reused by every
+    # block of that shape, instead of tracing the whole network as one graph).
+    compile_blocks = ("BasicTransformerBlock", "ResnetBlock2D")
+    vae_compile_blocks = ("ResnetBlock2D",)
     # Image sizes must be multiples of this (the VAE's factor of every published checkpoint of the family;
     # checked again against the loaded VAE).
     size_multiple = 8

@@ -64,6 +64,7 @@ class Flux(flow.PromptCache, Family):
     # The attention projections of every attention block: both streams of the double blocks and the single
     # blocks' q/k/v (they have no output projection of their own). train_dreambooth_lora_flux adds the MLPs.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    compile_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     size_multiple = 16  # VAE factor 8 x the 2x2 packing
     # BFL's single files hold only the transformer (ComfyUI's copies prefix it).
     single_file_prefix = ("double_blocks.", "model.diffusion_model.double_blocks.")

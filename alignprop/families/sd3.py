@@ -50,6 +50,7 @@ class StableDiffusion3(flow.PromptCache, Family):
     # SD3.5-medium's second (image-only) attention (`attn2`). Hits what diffusers' train_dreambooth_lora_sd3
     # targets ("attn.to_q", ...) plus attn2.
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    compile_blocks = ("JointTransformerBlock",)
     size_multiple = 16  # VAE factor 8 x patch 2
     single_file_prefix = "model.diffusion_model."
     default_max_sequence_length = 256  # the pipeline's
