@@ -5,17 +5,17 @@
 #     OUT=results bash scripts/benchmark_suite.sh sdxl sd35 flux methods        # groups in this order
 #     PROMPTS=offline OUT=results bash scripts/benchmark_suite.sh flux          # a machine without the hub's prompts
 #
-# Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled: block by block,
-# the SDXL configs' compile_scope), sdxlc4 (batch 4 compiled), sdxlcm (batch 1 compiled whole), sd35, sd354,
-# flux, flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with
-# each knob of the low-memory plan off in turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's
-# zero LoRA-B gradients at K=1 and 3, SD 1.5 size, and K=1 in bf16 and fp32 beside them); at SD 1.5 size, batch 4,
-# compiled (each compiles for ~280 s on an H200, so one or two per call): plan15 (the memory-budget plan at the
-# peer's 15 GiB, K=1 and 50), planoff (the low-memory plan, the same rows), warm (a cold run that saves the compile
-# cache, then a warm one from the file alone, a fresh inductor cache dir), ddp (K=50 through a one-process DDP, the
-# DDPOptimizer off as now and on as before), blocks (the low-memory plan compiled block by block, K=1 and 50).
-# Each benchmark writes OUT/bench_NAME.json and OUT/NAME.log; OUT/progress
-# lists them with their exit codes (124: its time limit).
+# Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled: block by block, the
+# SDXL configs' compile_scope), sdxlc4 (batch 4 compiled), sdxlcm (batch 1 compiled whole), sd35c and fluxc (SD3.5
+# medium and FLUX.1-dev, batch 1, compiled block by block), sd35, sd354, flux, flux4 (the same for SD3.5 medium and
+# FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with each knob of the low-memory plan off in
+# turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's zero LoRA-B gradients at K=1 and 3, SD
+# 1.5 size, and K=1 in bf16 and fp32 beside them); at SD 1.5 size, batch 4, compiled (each compiles for ~280 s on an
+# H200, so one or two per call): plan15 (the memory-budget plan at the peer's 15 GiB, K=1 and 50), planoff (the
+# low-memory plan, the same rows), warm (a cold run that saves the compile cache, then a warm one from the file
+# alone, a fresh inductor cache dir), ddp (K=50 through a one-process DDP, the DDPOptimizer off as now and on as
+# before), blocks (the low-memory plan compiled block by block, K=1 and 50). Each benchmark writes
+# OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them with their exit codes (124: its time limit).
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
 P=""
@@ -66,12 +66,16 @@ for group in "$@"; do
               TORCHINDUCTOR_CACHE_DIR=$C/warm run warm_warm 200 scripts/benchmark.py --batch 4 --ks 1 --iters 1 $P \
                   --compile-cache $C/cache.bin ;;
         blocks) run blocks 420 scripts/benchmark.py --batch 4 --ks 1,50 --iters 2 $P --config.speed.compile_scope=blocks ;;
+        sd35c) run sd35_b1_compiled_blocks 560 scripts/benchmark.py $S3 --batch 1 --ks 1,4 --iters 2 \
+                   --config.speed.compile_scope=blocks ;;
+        fluxc) run flux_b1_compiled_blocks 560 scripts/benchmark.py $FX --batch 1 --ks 1,4 --iters 2 \
+                   --config.speed.compile_scope=blocks ;;
         sdxlc4) run sdxl_b4_compiled 560 scripts/benchmark.py $XL --batch 4 --ks 1,10 --iters 1 ;;
         sdxlcm) run sdxl_b1_compiled_model 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 \
                     --config.speed.compile_scope=model ;;
         ddp) run ddp_after 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp
              run ddp_before 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp --ddp-optimizer ;;
         *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd35knobs sd354 flux flux4 methods methods35 underflow" \
-                "plan15 planoff warm ddp blocks sdxlc4 sdxlcm" >&2; exit 2 ;;
+                "plan15 planoff warm ddp blocks sdxlc4 sdxlcm sd35c fluxc" >&2; exit 2 ;;
     esac
 done

@@ -29,12 +29,12 @@ def plain(components, **options):
     return Prepared(components.denoiser, components.vae, **options)
 
 
-def assert_same(a, b, rtol=1e-4):
+def assert_same(a, b, rtol=1e-4, image_atol=1e-6):
     """Same images and gradients up to float32 round-off: the merged weight W + s·B·A and peft's x·Aᵀ·Bᵀ,
     recomputation and compiled graphs sum in other orders, so each gradient entry may differ by 1e-4 of its
     tensor's largest entry (entries near zero have no meaningful relative error)."""
     (images_a, grads_a), (images_b, grads_b) = a, b
-    torch.testing.assert_close(images_a, images_b, rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(images_a, images_b, rtol=rtol, atol=image_atol)
     assert grads_a.keys() == grads_b.keys()
     assert sum(g.abs().sum() for g in grads_a.values()) > 0
     for name in grads_a:
@@ -199,8 +199,11 @@ def test_compiled_shapes_are_static(components, sd):
         torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("scope", ["model", "blocks"])
-def test_compiled_rollout_gives_the_same_gradient(lora_components, sd, scope):
+@pytest.mark.parametrize("name,scope", [
+    ("sd", "model"), ("sd", "blocks"),
+    pytest.param("sd3", "blocks", marks=pytest.mark.slow), pytest.param("flux", "blocks", marks=pytest.mark.slow),
+])
+def test_compiled_rollout_gives_the_same_gradient(name, scope):
     """torch.compile of the denoiser (every call, grad and no-grad) and of the VAE decoder, whole or block by
     block, through the default plan (merged LoRA, checkpointing as in training).
 
@@ -209,10 +212,20 @@ def test_compiled_rollout_gives_the_same_gradient(lora_components, sd, scope):
     inductor's own kernels are compared against eager on the GPU by `scripts/benchmark.py --compare-eager`.
     With blocks, every block call must run compiled, as one graph: as many compiled forwards as the same
     rollout run eagerly makes block calls (no fallback to eager at dynamo's recompilation limit, no graph break
-    inside a block).
+    inside a block). SD 1.x in the fast tier (SDXL's UNet has the same block classes); SD3's and FLUX's
+    transformer blocks in the slow one.
     """
     import torch._dynamo
 
+    from alignprop import families
+    from alignprop.lora import add_lora
+    from helpers import randomize_lora, tiny_components
+
+    family = families.get(name)
+    lora_components = tiny_components(family)
+    add_lora(lora_components.denoiser, rank=4, alpha=4.0, targets=family.lora_targets)
+    randomize_lora(lora_components.denoiser)
+    sd = family
     reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False))  # before compiling
     calls, kinds = [], set()
 
@@ -263,7 +276,10 @@ def test_compiled_rollout_gives_the_same_gradient(lora_components, sd, scope):
     else:
         # every call compiled; one graph per kind of call, shared by all the blocks of that kind
         assert len(forwards) == len(calls) and len(graphs) == len(kinds), (len(forwards), len(graphs), len(kinds))
-    assert_same(ours, reference, rtol=2e-4)
+    # FLUX's tiny model is the deepest (double and single blocks, a 16-channel VAE, 256 px images): the images
+    # differed by up to 5.7e-6 (of a [-1, 1] range) in 156 of 393216 entries, float32 round-off of the merged weight
+    # and the compiled graphs summing in other orders, above the 1e-6 the shallower models meet.
+    assert_same(ours, reference, rtol=2e-4, image_atol=1e-5 if name == "flux" else 1e-6)
 
 
 def test_precision_the_hardware_lacks(monkeypatch):
