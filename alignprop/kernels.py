@@ -119,8 +119,9 @@ def merge_lora_forward(model, adapter="default"):
 def lora_disabled(model):
     """The base model inside the block: every LoRA of `model` (merged or peft's) switched off, then back on.
     No second copy of the weights: the frozen weights are the base model's."""
-    merged = [layer for layer in lora_layers(model) if is_merged(layer)]
-    layers = [layer for layer in lora_layers(model) if not is_merged(layer)]
+    all_layers = list(lora_layers(model))
+    merged = [layer for layer in all_layers if is_merged(layer)]
+    layers = [layer for layer in all_layers if not is_merged(layer)]
     states = [layer._disable_adapters for layer in layers]
     for layer in merged:
         layer.merged_forward_on = False

@@ -237,7 +237,7 @@ BLOCK_RECOMPILE_LIMIT = 128
 
 def compile_blocks(module, names, options):
     """Compile, in place, every submodule of `module` whose class is named in `names` (regional compilation:
-    blocks of one class share their compiled graph wherever their shapes agree). Returns how many."""
+    blocks of one class share their compiled graph wherever their shapes agree)."""
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * BLOCK_RECOMPILE_LIMIT)
@@ -247,7 +247,6 @@ def compile_blocks(module, names, options):
                          "use compile_scope='model'")
     for block in blocks:
         block.compile(**options)
-    return len(blocks)
 
 
 def compile_cache_file(config):

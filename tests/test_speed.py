@@ -25,6 +25,25 @@ def compiling(overrides=None):
     return config(overrides={"speed.compile": True, **(overrides or {})}).speed
 
 
+def counting_backend(graphs, forwards=None):
+    """aot_eager that appends each graph it compiles to `graphs` (and each run of one to `forwards`)."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        compiled = aot_eager(gm, example_inputs)
+        if forwards is None:
+            return compiled
+
+        def forward(*args):
+            forwards.append(gm)
+            return compiled(*args)
+
+        return forward
+
+    return backend
+
+
 def plain(components, **options):
     return Prepared(components.denoiser, components.vae, **options)
 
@@ -222,12 +241,11 @@ def test_compiled_rollout_gives_the_same_gradient(name, scope):
     from helpers import randomize_lora, tiny_components
 
     family = families.get(name)
-    lora_components = tiny_components(family)
-    add_lora(lora_components.denoiser, rank=4, alpha=4.0, targets=family.lora_targets)
-    randomize_lora(lora_components.denoiser)
-    sd = family
+    components = tiny_components(family)
+    add_lora(components.denoiser, rank=4, alpha=4.0, targets=family.lora_targets)
+    randomize_lora(components.denoiser)
     size = 32 if name == "flux" else None  # tiny FLUX's native 256 px would make this the slowest test of the suite
-    reference = run(lora_components, sd, 3, plain(lora_components, checkpoint_grad_steps=False), size)  # uncompiled
+    reference = run(components, family, 3, plain(components, checkpoint_grad_steps=False), size)  # uncompiled
     calls, kinds = [], set()
 
     def record(module, args, kwargs):
@@ -242,34 +260,21 @@ def test_compiled_rollout_gives_the_same_gradient(name, scope):
         kinds.add((type(module).__name__, tuple(tensors), torch.is_grad_enabled(), settings))
 
     graphs, forwards = [], []
-
-    def counting_backend(gm, example_inputs):
-        from torch._dynamo.backends.debugging import aot_eager
-
-        graphs.append(gm)
-        compiled = aot_eager(gm, example_inputs)
-
-        def forward(*args):
-            forwards.append(gm)
-            return compiled(*args)
-
-        return forward
-
     torch._dynamo.reset()
     try:
-        prepared = speed.prepare(sd, lora_components, compiling({"speed.compile_scope": scope}),
-                                 backend=counting_backend)
+        prepared = speed.prepare(family, components, compiling({"speed.compile_scope": scope}),
+                                 backend=counting_backend(graphs, forwards))
         assert prepared.compiled
-        names = (*sd.compile_blocks, *sd.vae_compile_blocks)
+        names = (*family.compile_blocks, *family.vae_compile_blocks)
         hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
-                 for m in (*lora_components.denoiser.modules(), *lora_components.vae.decoder.modules())
+                 for m in (*components.denoiser.modules(), *components.vae.decoder.modules())
                  if type(m).__name__ in names]
         with torch.compiler.set_stance("force_eager"):  # the same calls, run eagerly, recorded
-            run(lora_components, sd, 3, prepared, size)
+            run(components, family, 3, prepared, size)
         for hook in hooks:
             hook.remove()
         assert not graphs
-        ours = run(lora_components, sd, 3, prepared, size)
+        ours = run(components, family, 3, prepared, size)
     finally:
         torch._dynamo.reset()
     if scope == "model":
@@ -338,13 +343,13 @@ def test_the_plan_in_force_is_described_at_start_up():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     # (the scripts describe the plan after resolve_precision: "auto" is bf16 or fp16 by then; fp16 shows its scale)
     assert speed.describe(config("config/align_prop.py:aesthetic", {"mixed_precision": "fp16"}), cuda) == (
-        "speed plan: fp16, GradScaler from 65536; torch.compile on (whole networks); each grad step's denoiser call recomputed in "
-        "backward, but the last 1, inside it each block again; decoder in chunks of 1 image(s), recomputed; reward "
-        "kept; cuDNN attention allowed")
+        "speed plan: fp16, GradScaler from 65536; torch.compile on (whole networks); each grad step's denoiser call "
+        "recomputed in backward, but the last 1, inside it each block again; decoder in chunks of 1 image(s), "
+        "recomputed; reward kept; cuDNN attention allowed")
     assert speed.describe(config("config/align_prop.py:aesthetic_sdxl"), cuda) == (
         "speed plan: bf16; torch.compile on (its repeated blocks); each grad step's denoiser call recomputed in "
-        "backward, inside it each block again; decoder in chunks of 1 image(s), recomputed (and its blocks); reward kept; cuDNN attention "
-        "allowed")
+        "backward, inside it each block again; decoder in chunks of 1 image(s), recomputed (and its blocks); reward "
+        "kept; cuDNN attention allowed")
     flux = config("config/align_prop.py:hps_flux", {"speed.checkpoint_grad_steps": False, "speed.decode_chunk": 0})
     assert speed.describe(flux, cpu) == (
         "speed plan: bf16; torch.compile off; every grad step keeps its activations; decoder all at once, recomputed; "
@@ -363,15 +368,8 @@ def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
     from torch.nn.parallel import DistributedDataParallel
 
     compiled_graphs = []
-
-    def counting_backend(gm, example_inputs):
-        compiled_graphs.append(gm)
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
-
     torch._dynamo.reset()
-    prepared = speed.prepare(sd, lora_components, compiling(), backend=counting_backend)
+    prepared = speed.prepare(sd, lora_components, compiling(), backend=counting_backend(compiled_graphs))
     unwrapped = run(lora_components, sd, 2, prepared)
     before = len(compiled_graphs)
     with socket.socket() as s:
