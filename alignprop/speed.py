@@ -17,6 +17,9 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import threading
+import time
 
 import torch
 from torch.autograd.profiler import record_function
@@ -79,17 +82,22 @@ def check_precision(mixed_precision, device):
         raise ConfigError("config.mixed_precision='bf16': this GPU has no bf16; use 'fp16'.")
 
 
-def describe(config, device):
-    """The speed and memory plan in force, in one line for the start-up log."""
+def describe(config, device, memory_plan=None):
+    """The speed and memory plan in force, in one line for the start-up log. `memory_plan` (memory.MemoryPlan): the
+    checkpoint plan chosen from `config.speed.memory_budget_gib`, which overrides the config's own."""
     sp = config.speed
     compiled = sp.compile and device.type != "cpu"
     scope = f" ({'its repeated blocks' if sp.compile_scope == 'blocks' else 'whole networks'})" if compiled else ""
+    uncheckpointed, blocks = sp.uncheckpointed_steps, sp.checkpoint_blocks
+    if memory_plan is not None:
+        uncheckpointed, blocks = memory_plan.uncheckpointed_steps, memory_plan.checkpoint_blocks
     if not sp.checkpoint_grad_steps:
         grad = "every grad step keeps its activations"
     else:
-        kept = f", but the last {sp.uncheckpointed_steps}" if sp.uncheckpointed_steps else ""
+        kept = f", but the last {uncheckpointed}" if uncheckpointed else ""
         grad = "each grad step's denoiser call recomputed in backward" + kept
-        grad += ", inside it each block again" if sp.checkpoint_blocks else ""
+        grad += ", inside it each block again" if blocks else ""
+        grad += " (the memory plan's)" if memory_plan is not None else ""
     chunk = f"in chunks of {sp.decode_chunk} image(s)" if sp.decode_chunk else "all at once"
     decode = f"decoder {chunk}" + (", recomputed" if sp.checkpoint_decode else "")
     decode += " (and its blocks)" if sp.checkpoint_decode and sp.checkpoint_vae_blocks else ""
@@ -303,3 +311,33 @@ def reward_call(reward_fn, speed):
         return checkpoint(reward_fn, images, prompts, metadata, use_reentrant=False)
 
     return checkpointed
+
+
+def stop_compile_workers(timeout_s=30.0):
+    """Stop inductor's compile-worker processes now, waiting at most `timeout_s`. Returns False where they did not
+    stop in time: the caller should then leave with os._exit, its work saved. At interpreter exit torch waits up to
+    300 s for them; on an H200 a compiled SD 1.5 benchmark that had saved its results and printed its table was still
+    not gone 70 s later (torch issue #162199, "inductor's process pool seems to time out while cleaning up after a
+    cold start"). Nothing to do where nothing was compiled."""
+    module = sys.modules.get("torch._inductor.async_compile")
+    if module is None:
+        return True
+    start = time.perf_counter()
+    worker = threading.Thread(target=module.shutdown_compile_workers, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("torch.compile's compile workers did not stop within %.0f s; leaving without waiting for them",
+                       timeout_s)
+        return False
+    logger.info("torch.compile's compile workers stopped in %.1f s", time.perf_counter() - start)
+    return True
+
+
+def leave(timeout_s=30.0):
+    """The end of a script that may have compiled: output flushed, then out, at most `timeout_s` after its work."""
+    if not stop_compile_workers(timeout_s):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -182,7 +182,7 @@ def main(argv):
         "total_batch": total,
         "torch": torch.__version__,
         "overrides": overrides,
-        "plan": speed.describe(config, device),
+        "plan": speed.describe(config, device, trainer.memory_plan),
         "memory_plan": trainer.memory_plan and {
             **dataclasses.asdict(trainer.memory_plan), "describe": trainer.memory_plan.describe()},
         "startup_s": startup,  # process start to the trainer built (imports, models, the memory probe)
@@ -282,3 +282,6 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from alignprop import speed
+
+    speed.leave()  # its results are saved: out at most 30 s later, whatever torch.compile's workers do

@@ -125,7 +125,6 @@ def run_training(config, settings, run, resume_checkpoint):
     if config.log_with != "none":
         init_trackers(accelerator, config, run_dir)
     speed.set_torch_flags(config.speed)
-    logger.info(speed.describe(config, accelerator.device))
 
     # Models: frozen in the inference dtype; LoRA (fp32) is the only trainable part.
     device = accelerator.device
@@ -136,6 +135,7 @@ def run_training(config, settings, run, resume_checkpoint):
     cache = speed.compile_cache_file(config)
     speed.load_compile_cache(cache)
     trainer, lora_config = training.make_trainer(config, settings, accelerator, components, reward_fn)
+    logger.info(speed.describe(config, accelerator.device, trainer.memory_plan))
 
     step = 0
     if resume_checkpoint:
@@ -275,3 +275,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    speed.leave()

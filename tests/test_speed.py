@@ -1,5 +1,11 @@
 """The speed layer computes the same numbers: merged LoRA, the checkpoint plan, chunked decoding, torch.compile."""
 
+import dataclasses
+import sys
+import threading
+import time
+import types
+
 import pytest
 import torch
 
@@ -357,6 +363,17 @@ def test_the_plan_in_force_is_described_at_start_up():
     assert speed.describe(config("config/align_prop.py:tiny"), cpu).startswith("speed plan: fp32; torch.compile off;")
     blocks = config("config/align_prop.py:aesthetic", {"speed.compile_scope": "blocks"})
     assert "; torch.compile on (its repeated blocks); " in speed.describe(blocks, cuda)
+    # A plan chosen from the memory budget overrides the config's checkpointing (the config above keeps the last
+    # step and recomputes each block; the plan of a 15 GiB budget on an H200 kept the blocks and no step)
+    from alignprop.memory import MemoryPlan
+
+    chosen = MemoryPlan(checkpoint_blocks=False, uncheckpointed_steps=0, predicted_bytes=1, budget_bytes=2, cost=200,
+                        fits=True, k_max=50)
+    assert "; each grad step's denoiser call recomputed in backward (the memory plan's); decoder" in speed.describe(
+        config("config/align_prop.py:aesthetic"), cuda, chosen)
+    chosen = dataclasses.replace(chosen, checkpoint_blocks=True, uncheckpointed_steps=11)
+    assert ("; each grad step's denoiser call recomputed in backward, but the last 11, inside it each block again (the "
+            "memory plan's); decoder") in speed.describe(config("config/align_prop.py:aesthetic"), cuda, chosen)
 
 
 def test_ddp_runs_the_single_process_graph(lora_components, sd, monkeypatch):
@@ -404,3 +421,28 @@ def test_a_wrong_compile_scope_is_named_with_the_choices(value):
             c.speed.compile_scope = value
     with pytest.raises(ConfigError, match=r"config.speed.compile_scope='(block|x|)': must be one of 'blocks', 'model'"):
         configs.check(c, 1)
+
+
+def test_compile_workers_are_stopped_or_left_behind_within_the_timeout(monkeypatch):
+    name = "torch._inductor.async_compile"
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    assert speed.stop_compile_workers(0.01)  # nothing compiled in this process: nothing to stop
+    calls = []
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(shutdown_compile_workers=lambda: calls.append(1)))
+    assert speed.stop_compile_workers(5.0) and calls == [1]
+    release = threading.Event()  # a pool that hangs in its shutdown, as torch's did on the H200 after a cold start
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(shutdown_compile_workers=release.wait))
+    exits = []
+    monkeypatch.setattr(speed.os, "_exit", exits.append)
+    start = time.perf_counter()
+    try:
+        assert not speed.stop_compile_workers(0.2)
+        speed.leave(0.2)
+        assert exits == [0]  # out without waiting, after the timeout
+        assert time.perf_counter() - start < 3.0
+    finally:
+        release.set()
+    calls.clear()
+    monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(shutdown_compile_workers=lambda: calls.append(1)))
+    speed.leave(5.0)
+    assert calls == [1] and exits == [0]  # stopped in time: the normal exit follows
