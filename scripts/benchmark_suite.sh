@@ -5,12 +5,12 @@
 #     OUT=results bash scripts/benchmark_suite.sh sdxl sd35 flux methods        # groups in this order
 #     PROMPTS=offline OUT=results bash scripts/benchmark_suite.sh flux          # a machine without the hub's prompts
 #
-# Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc (batch 1 compiled: block by block, the
-# SDXL configs' compile_scope), sdxlc4 (batch 4 compiled), sdxlcm (batch 1 compiled whole), sd35c and fluxc (SD3.5
-# medium and FLUX.1-dev, batch 1, compiled block by block), sd35, sd354, flux, flux4 (the same for SD3.5 medium and
-# FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with each knob of the low-memory plan off in
-# turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's zero LoRA-B gradients at K=1 and 3, SD
-# 1.5 size, and K=1 in bf16 and fp32 beside them); at SD 1.5 size, batch 4, compiled (each compiles for ~280 s on an
+# Groups: sdxl (batch 1, eager, beside naive_sdxl.py), sdxl4 (batch 4), sdxlc and sdxlc4 (batch 1 and 4 compiled:
+# block by block, the SDXL configs' compile_scope, beside naive_sdxl.py; one H200 call each), sdxlcm (batch 1
+# compiled whole), sd35c and fluxc (SD3.5 medium and FLUX.1-dev, batch 1, compiled block by block), sd35, sd354, flux,
+# flux4 (the same for SD3.5 medium and FLUX.1-dev, beside benchmark_naive.py), sd35knobs (SD3.5 medium with each
+# knob of the low-memory plan off in turn), methods (SD 1.5 size), methods35 (SD3.5 medium), underflow (fp16's zero
+# LoRA-B gradients at K=1 and 3, SD 1.5 size, and K=1 in bf16 and fp32 beside them); at SD 1.5 size, batch 4, compiled (each compiles for ~280 s on an
 # H200, so one or two per call): plan15 (the memory-budget plan at the peer's 15 GiB, K=1 and 50), planoff (the
 # low-memory plan, the same rows), warm (a cold run that saves the compile cache, then a warm one from the file
 # alone, a fresh inductor cache dir), ddp (K=50 through a one-process DDP, the DDPOptimizer off as now and on as
@@ -39,7 +39,8 @@ for group in "$@"; do
               run sdxl_b1_naive 300 scripts/naive_sdxl.py $XL --batch 1 --ks 1,10 --iters 2 ;;
         sdxl4) run sdxl_b4_eager 400 scripts/benchmark.py $XL --batch 4 --ks 1,10 --iters 1 $E
                run sdxl_b4_naive 400 scripts/naive_sdxl.py $XL --batch 4 --ks 1,10 --iters 1 ;;
-        sdxlc) run sdxl_b1_compiled 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 ;;
+        sdxlc) run sdxl_b1_compiled 370 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2
+               run sdxl_b1_naive 200 scripts/naive_sdxl.py $XL --batch 1 --ks 1,10 --iters 2 ;;
         sd35) run sd35_b1_eager 300 scripts/benchmark.py $S3 --batch 1 --ks 1,4 --iters 2 $E
               run sd35_b1_naive 300 scripts/benchmark_naive.py $S3 --batch 1 --ks 1,4 --iters 2 ;;
         sd35knobs) run sd35_b1_last_step_kept 300 scripts/benchmark.py $S3 --batch 1 --ks 1 --iters 2 $E \
@@ -70,7 +71,8 @@ for group in "$@"; do
                    --config.speed.compile_scope=blocks ;;
         fluxc) run flux_b1_compiled_blocks 560 scripts/benchmark.py $FX --batch 1 --ks 1,4 --iters 2 \
                    --config.speed.compile_scope=blocks ;;
-        sdxlc4) run sdxl_b4_compiled 560 scripts/benchmark.py $XL --batch 4 --ks 1,10 --iters 1 ;;
+        sdxlc4) run sdxl_b4_compiled 400 scripts/benchmark.py $XL --batch 4 --ks 1,10 --iters 1
+                run sdxl_b4_naive 170 scripts/naive_sdxl.py $XL --batch 4 --ks 1,10 --iters 1 ;;
         sdxlcm) run sdxl_b1_compiled_model 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 \
                     --config.speed.compile_scope=model ;;
         ddp) run ddp_after 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp
