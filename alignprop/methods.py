@@ -87,7 +87,13 @@ class Method:
 
 
 def images(rollout, cond, latents, plan, generator=None, penalty=None):
-    """The images the reward sees under `plan` ([B, ...], or [copies x B, ...] for DRaFT-LV, copy-major)."""
+    """The images the reward sees under `plan` ([B, ...], or [copies x B, ...] for DRaFT-LV, copy-major); the
+    steps without gradients may run float8 matmuls (`config.speed.fp8_prefix`)."""
+    with rollout.prepared.sampling_prefix():
+        return _images(rollout, cond, latents, plan, generator, penalty)
+
+
+def _images(rollout, cond, latents, plan, generator, penalty):
     if not plan.copies:
         out = rollout.latents(cond, latents, plan.grad_steps, generator, stop=plan.stop,
                               detach_input=plan.detach_input, penalty=penalty)

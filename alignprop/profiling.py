@@ -53,9 +53,9 @@ def peak_gib():
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
 
 
-def one_rollout(trainer, k, seed):
+def one_rollout(trainer, k, seed, autocast=None):
     """One micro-batch of AlignProp with fixed K from a fixed seed (the same rollout at every call), the
-    gradients zeroed before it."""
+    gradients zeroed before it; under `autocast` (default: the run's)."""
     from alignprop.rng import RandomStreams
     from alignprop.training import micro_batch
     import dataclasses
@@ -66,7 +66,7 @@ def one_rollout(trainer, k, seed):
     trainer.method = dataclasses.replace(trainer.method, name="alignprop", truncation=Truncation("fixed", steps, k))
     trainer.streams = RandomStreams(seed, 0, trainer.accelerator.device)
     trainer.optimizer.zero_grad(set_to_none=True)
-    with trainer.accelerator.autocast():
+    with autocast or trainer.accelerator.autocast():
         return micro_batch(trainer)
 
 
@@ -99,6 +99,51 @@ def zero_gradient_fraction(trainer, k, scales=UNDERFLOW_SCALES, seed=1234):
                       "finite": bool(torch.isfinite(grads).all())}
     trainer.optimizer.zero_grad(set_to_none=True)
     return out
+
+
+def fp8_drift(trainer, k, seed=1234):
+    """How far `config.speed.fp8_prefix` moves one rollout's images and rewards (fixed K and seed), beside what the
+    run's own rounding does to them: the exact rollout against itself with other cuDNN kernels (benchmark mode
+    flipped), and against the other 16-bit precision (fp16 compute where the run is bf16, or bf16 where fp16).
+    Each: the largest and the mean absolute difference of the [0, 1] images, and of the rewards."""
+    import dataclasses
+
+    rollout = trainer.rollout
+    prepared = rollout.prepared
+    if not prepared.fp8_layers:
+        raise ValueError("--fp8-drift measures config.speed.fp8_prefix: pass --config.speed.fp8_prefix=True")
+
+    def images_and_rewards(autocast=None):
+        batch = one_rollout(trainer, k, seed, autocast)  # with gradients on, as in training: the grad steps exact
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return batch.images.detach().float(), batch.rewards.detach().float()
+
+    def difference(a, b):
+        return {"images_max_abs_diff": (a[0] - b[0]).abs().max().item(),
+                "images_mean_abs_diff": (a[0] - b[0]).abs().mean().item(),
+                "rewards_max_abs_diff": (a[1] - b[1]).abs().max().item(),
+                "rewards_mean_abs_diff": (a[1] - b[1]).abs().mean().item()}
+
+    fp8 = images_and_rewards()
+    rollout.prepared = dataclasses.replace(prepared, fp8_layers=())  # the same model, exact
+    try:
+        exact = images_and_rewards()
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        other_kernels = images_and_rewards()
+        torch.backends.cudnn.benchmark = not torch.backends.cudnn.benchmark
+        device = rollout.device.type
+        other = torch.float16 if trainer.accelerator.mixed_precision == "bf16" else torch.bfloat16
+        other_precision = images_and_rewards(torch.autocast(device, dtype=other))
+    finally:
+        rollout.prepared = prepared
+    return {
+        "k": k,
+        "reward_mean": exact[1].mean().item(),
+        "reward_std": exact[1].std().item() if len(exact[1]) > 1 else 0.0,
+        "fp8_vs_exact": difference(fp8, exact),
+        "exact_other_kernels_vs_exact": difference(other_kernels, exact),
+        f"{str(other).removeprefix('torch.')}_vs_exact": difference(other_precision, exact),
+    }
 
 
 def compare_with_eager(trainer, k):

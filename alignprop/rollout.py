@@ -104,7 +104,7 @@ class Rollout:
 
         def denoise(x, i):
             out = grad(x, i)
-            with torch.no_grad(), lora_disabled(self.prepared.denoiser):
+            with torch.no_grad(), lora_disabled(self.prepared.denoiser), self.prepared.exact():
                 base = nograd(x, i)
             penalty.append((out.float() - base.float()).pow(2).flatten(1).mean(1))
             return out

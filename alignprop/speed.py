@@ -66,6 +66,7 @@ def resolve_precision(config, device=None):
     if config.mixed_precision == "auto":
         config.mixed_precision = auto_precision(device)
     check_precision(config.mixed_precision, device)
+    check_fp8(config.speed.fp8_prefix, device)
     return config.mixed_precision
 
 
@@ -80,6 +81,14 @@ def check_precision(mixed_precision, device):
         raise ConfigError("config.mixed_precision='fp16' needs a CUDA GPU; use 'no' (or 'bf16') on the CPU.")
     if device.type == "cuda" and mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise ConfigError("config.mixed_precision='bf16': this GPU has no bf16; use 'fp16'.")
+
+
+def check_fp8(fp8_prefix, device):
+    """float8 matmuls need a GPU that has them (compute capability 8.9: Ada, Hopper and newer), or the CPU."""
+    if fp8_prefix and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+        raise ConfigError(f"config.speed.fp8_prefix=True: {name} (compute capability {major}.{minor}) has no float8 "
+                          "matmuls (8.9 and newer: Ada, Hopper, Blackwell); set it to False.")
 
 
 def describe(config, device, memory_plan=None):
@@ -103,7 +112,8 @@ def describe(config, device, memory_plan=None):
     decode += " (and its blocks)" if sp.checkpoint_decode and sp.checkpoint_vae_blocks else ""
     scale = f", GradScaler from {config.train.grad_scale_init:g}" if config.mixed_precision == "fp16" else ""
     precision = "fp32" if config.mixed_precision == "no" else config.mixed_precision
-    return (f"speed plan: {precision}{scale}; torch.compile {'on' if compiled else 'off'}{scope}; {grad}; "
+    fp8 = "; a training rollout's steps without gradients in float8 matmuls" if sp.fp8_prefix else ""
+    return (f"speed plan: {precision}{scale}{fp8}; torch.compile {'on' if compiled else 'off'}{scope}; {grad}; "
             f"{decode}; reward {'recomputed' if sp.checkpoint_reward else 'kept'}; cuDNN attention "
             f"{'allowed' if sp.cudnn_attention else 'off'}")
 
@@ -156,6 +166,15 @@ class Prepared:
     uncheckpointed_steps: int = 0  # the last this many grad steps keep their activations
     decode_chunk: int = 0  # decode this many images at a time (0: all)
     checkpoint_decode: bool = False
+    fp8_layers: tuple = ()  # the denoiser's Linear layers that can run float8 matmuls (config.speed.fp8_prefix)
+
+    def sampling_prefix(self):
+        """Inside: a training rollout, whose steps without gradients may run float8 matmuls (fp8_prefix)."""
+        return kernels.fp8_matmuls(self.fp8_layers, True)
+
+    def exact(self):
+        """Inside: the no-grad calls exact again (the KL penalty's reference prediction)."""
+        return kernels.fp8_matmuls(self.fp8_layers, False)
 
     def grad_denoise(self, denoise, num_steps):
         """`denoise(latents, i)` for the steps with gradients: checkpointed but for the last steps."""
@@ -204,6 +223,7 @@ def prepare(family, components, speed, backend="inductor"):
     """
     denoiser = components.denoiser
     kernels.merge_lora_forward(denoiser)
+    fp8_layers = tuple(kernels.use_fp8_matmuls(denoiser)) if speed.fp8_prefix else ()
     if speed.checkpoint_blocks:
         denoiser.enable_gradient_checkpointing()
     if speed.checkpoint_vae_blocks:
@@ -233,6 +253,7 @@ def prepare(family, components, speed, backend="inductor"):
         uncheckpointed_steps=speed.uncheckpointed_steps,
         decode_chunk=speed.decode_chunk,
         checkpoint_decode=speed.checkpoint_decode,
+        fp8_layers=fp8_layers,
     )
 
 

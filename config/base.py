@@ -161,7 +161,7 @@ def base():
 
     config.speed = speed = ml_collections.ConfigDict()
     # What makes a step fast or light (alignprop/speed.py; measured in BENCHMARKS.md). None of it changes
-    # what is computed.
+    # what is computed, but fp8_prefix (opt-in: it changes the sampled images slightly).
     # Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster, slightly less precise).
     speed.tf32 = True
     # Let scaled_dot_product_attention use cuDNN's attention kernels (the others: flash, memory-efficient, math).
@@ -204,6 +204,11 @@ def base():
     speed.checkpoint_vae_blocks = False
     # Recompute the reward model in backward instead of storing its activations.
     speed.checkpoint_reward = False
+    # Run the denoiser's Linear layers in float8 (e4m3, per-token and per-channel scales) in a training rollout's
+    # steps without gradients (the sampling before the last K steps: 49 of 50 calls at K=1), on GPUs with float8
+    # matmuls (Ada, Hopper, Blackwell). The grad steps, evaluation and the KL penalty's reference stay exact; the
+    # sampled images differ slightly (BENCHMARKS.md measures by how much, against fp16's own difference from bf16).
+    speed.fp8_prefix = False
 
     config.lora = lora = ml_collections.ConfigDict()
     # LoRA rank and alpha (scale = alpha / rank).

@@ -70,6 +70,10 @@ def parser():
     ap.add_argument("--underflow", type=int, default=0, metavar="K",
                     help="the fraction of LoRA-B gradient entries that come out exactly zero after one rollout with "
                          "this K, for loss scales 2^16 to 2^24 (fp16's underflow; fp32 and bf16 have none)")
+    ap.add_argument("--fp8-drift", type=int, default=0, metavar="K",
+                    help="with --config.speed.fp8_prefix=True: how far the float8 prefix moves one rollout's images "
+                         "and rewards (this K), beside the exact rollout with other cuDNN kernels and in the other "
+                         "16-bit precision")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the card's dense bf16 peak TFLOP/s (default: known for H100/H200/A100, else not reported)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -78,7 +82,7 @@ def parser():
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the SXM cards, from NVIDIA's data sheets.
 from alignprop.profiling import (  # noqa: E402
-    bf16_peak, compare_with_eager, denoiser_throughput, full_size_defaults, k_table, peak_gib, profile_step,
+    bf16_peak, compare_with_eager, denoiser_throughput, fp8_drift, full_size_defaults, k_table, peak_gib, profile_step,
     save_results, train_step_synced, wrap_in_ddp, zero_gradient_fraction,
 )
 
@@ -128,7 +132,7 @@ def main(argv):
     from accelerate import Accelerator
 
     from alignprop import families, rewards, speed, training
-    from alignprop.errors import UserError
+    from alignprop.errors import ConfigError, UserError
 
     config = configs.load(spec)
     config.mixed_precision = args.precision or config.mixed_precision
@@ -149,6 +153,8 @@ def main(argv):
         config.train.total_batch_size = config.train.total_samples_per_epoch = total
         settings = configs.check(config, n)
         rows = runs(args, config)  # a wrong --methods entry stops here, before any model loads
+        if args.fp8_drift and not config.speed.fp8_prefix:
+            raise ConfigError("--fp8-drift measures config.speed.fp8_prefix: add --config.speed.fp8_prefix=True")
     except UserError as e:
         raise SystemExit(str(e)) from None
     speed.set_torch_flags(config.speed)
@@ -254,6 +260,10 @@ def main(argv):
             f"2^{int(math.log2(scale))}": row for scale, row in zero_gradient_fraction(trainer, args.underflow).items()}
         results["underflow_k"] = args.underflow
         print("zero_lora_b_grad_fraction", json.dumps(results["zero_lora_b_grad_fraction"]), flush=True)
+
+    if args.fp8_drift:
+        results["fp8_drift"] = fp8_drift(trainer, args.fp8_drift)
+        print("fp8_drift", json.dumps(results["fp8_drift"]), flush=True)
 
     if args.compare_eager:
         results["compiled_vs_eager"] = compare_with_eager(trainer, args.compare_eager)

@@ -14,7 +14,8 @@
 # H200, so one or two per call): plan15 (the memory-budget plan at the peer's 15 GiB, K=1 and 50), planoff (the
 # low-memory plan, the same rows), warm (a cold run that saves the compile cache, then a warm one from the file
 # alone, a fresh inductor cache dir), ddp (K=50 through a one-process DDP, the DDPOptimizer off as now and on as
-# before), blocks (the low-memory plan compiled block by block, K=1 and 50). Each benchmark writes
+# before), blocks (the low-memory plan compiled block by block, K=1 and 50), b64 and fp8 (images/s at K=1, batch 64:
+# exact, and with the float8 prefix and how far it moves the images and rewards). Each benchmark writes
 # OUT/bench_NAME.json and OUT/NAME.log; OUT/progress lists them with their exit codes (124: its time limit).
 set -u
 OUT=${OUT:-.}; mkdir -p "$OUT"
@@ -75,9 +76,12 @@ for group in "$@"; do
                 run sdxl_b4_naive 170 scripts/naive_sdxl.py $XL --batch 4 --ks 1,10 --iters 1 ;;
         sdxlcm) run sdxl_b1_compiled_model 560 scripts/benchmark.py $XL --batch 1 --ks 1,10 --iters 2 \
                     --config.speed.compile_scope=model ;;
+        b64) run b64 450 scripts/benchmark.py --batch 64 --ks 1 --iters 2 $P ;;
+        fp8) run fp8_b64 450 scripts/benchmark.py --batch 64 --ks 1 --iters 2 $P --config.speed.fp8_prefix=True \
+                 --fp8-drift 1 ;;
         ddp) run ddp_after 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp
              run ddp_before 420 scripts/benchmark.py --batch 4 --ks 50 --iters 2 $P --ddp --ddp-optimizer ;;
         *) echo "unknown group '$group': sdxl sdxl4 sdxlc sd35 sd35knobs sd354 flux flux4 methods methods35 underflow" \
-                "plan15 planoff warm ddp blocks sdxlc4 sdxlcm sd35c fluxc" >&2; exit 2 ;;
+                "plan15 planoff warm ddp blocks b64 fp8 sdxlc4 sdxlcm sd35c fluxc" >&2; exit 2 ;;
     esac
 done

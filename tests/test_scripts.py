@@ -254,6 +254,17 @@ def test_benchmark_smoke(tmp_path):
     result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "fp16", "--out", str(tmp_path)], timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "config.mixed_precision='fp16' needs a CUDA GPU" in result.stderr
+    # --fp8-drift: without the float8 prefix, a clear error before any model loads; with it, the drift recorded.
+    fp8 = ["scripts/benchmark.py", "--tiny", "--precision", "no", "--batch", "1", "--steps", "3", "--ks", "1",
+           "--iters", "1", "--fp8-drift", "1", "--label", "fp8", "--out", str(tmp_path)]
+    result = run_script(fp8, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--fp8-drift measures config.speed.fp8_prefix: add --config.speed.fp8_prefix=True" in result.stderr
+    result = run_script([*fp8, "--config.speed.fp8_prefix=True"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drift = json.load(open(tmp_path / "bench_fp8.json"))["fp8_drift"]
+    assert drift["k"] == 1 and drift["fp8_vs_exact"]["images_max_abs_diff"] > 0
+    assert "float8" in json.load(open(tmp_path / "bench_fp8.json"))["plan"]
     # --methods: one row per method (and per K for the methods with one), the penalty with +kl.
     result = run_script(["scripts/benchmark.py", "--tiny", "--precision", "no", "--batch", "1", "--steps", "3", "--ks",
                          "1,2", "--iters", "1", "--methods", "draft_k,refl,alignprop+kl", "--config.train.stop_last=2",

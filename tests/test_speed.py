@@ -308,8 +308,6 @@ def test_precision_the_hardware_lacks(monkeypatch):
 
 
 def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_cpu(monkeypatch):
-    import ml_collections
-
     from alignprop.errors import ConfigError
 
     assert speed.auto_precision("cpu") == "no" and speed.inference_dtype("auto") == (
@@ -318,15 +316,15 @@ def test_auto_precision_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_the_c
     for has_bf16, expected in ((True, "bf16"), (False, "fp16")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, _v=has_bf16, **kwargs: _v)
         assert speed.auto_precision(torch.device("cuda", 0)) == expected
-        config = ml_collections.ConfigDict({"mixed_precision": "auto"})
-        assert speed.resolve_precision(config, torch.device("cuda", 0)) == expected
-        assert config.mixed_precision == expected  # replaced in place, before accelerate sees it
-    config = ml_collections.ConfigDict({"mixed_precision": "auto"})
-    assert speed.resolve_precision(config, "cpu") == "no" and config.mixed_precision == "no"
+        cfg = config(overrides={"mixed_precision": "auto"})
+        assert speed.resolve_precision(cfg, torch.device("cuda", 0)) == expected
+        assert cfg.mixed_precision == expected  # replaced in place, before accelerate sees it
+    cfg = config(overrides={"mixed_precision": "auto"})
+    assert speed.resolve_precision(cfg, "cpu") == "no" and cfg.mixed_precision == "no"
     # An explicit value is kept, and still checked against the hardware.
-    config = ml_collections.ConfigDict({"mixed_precision": "fp16"})
+    cfg = config(overrides={"mixed_precision": "fp16"})
     with pytest.raises(ConfigError, match=r"needs a CUDA GPU"):
-        speed.resolve_precision(config, "cpu")
+        speed.resolve_precision(cfg, "cpu")
 
 
 def test_torch_flags_follow_the_config_and_flux_keeps_cudnn_attention_off():
@@ -363,6 +361,9 @@ def test_the_plan_in_force_is_described_at_start_up():
     assert speed.describe(config("config/align_prop.py:tiny"), cpu).startswith("speed plan: fp32; torch.compile off;")
     blocks = config("config/align_prop.py:aesthetic", {"speed.compile_scope": "blocks"})
     assert "; torch.compile on (its repeated blocks); " in speed.describe(blocks, cuda)
+    fp8 = config("config/align_prop.py:aesthetic", {"speed.fp8_prefix": True, "mixed_precision": "bf16"})
+    assert speed.describe(fp8, cuda).startswith(
+        "speed plan: bf16; a training rollout's steps without gradients in float8 matmuls; torch.compile on ")
     # A plan chosen from the memory budget overrides the config's checkpointing (the config above keeps the last
     # step and recomputes each block; the plan of a 15 GiB budget on an H200 kept the blocks and no step)
     from alignprop.memory import MemoryPlan
@@ -446,3 +447,110 @@ def test_compile_workers_are_stopped_or_left_behind_within_the_timeout(monkeypat
     monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(shutdown_compile_workers=lambda: calls.append(1)))
     speed.leave(5.0)
     assert calls == [1] and exits == [0]  # stopped in time: the normal exit follows
+
+
+def test_fp8_prefix_changes_only_the_sampling_steps_without_gradients(lora_components, sd, monkeypatch):
+    from alignprop import methods
+
+    prepared = speed.prepare(sd, lora_components, config(overrides={"speed.fp8_prefix": True}).speed)
+    assert len(prepared.fp8_layers) >= 10  # the attention projections (merged LoRA) and the feed-forwards
+    exact = dataclasses.replace(prepared, fp8_layers=())  # the same model, never switched to float8
+    unet = lora_components.denoiser
+
+    def rollout_of(prep):
+        return Rollout(sd, lora_components, SampleSpec(STEPS, 7.5), prep, prep.denoiser)
+
+    def run(prep, plan, penalty=None):
+        """Images, LoRA gradients (of a fixed reward, plus the penalty) and penalty values of one training rollout."""
+        rollout = rollout_of(prep)
+        cond = rollout.encode(PROMPTS)
+        images = methods.images(rollout, cond, rollout.initial_latents(2, torch.Generator().manual_seed(0)), plan,
+                                torch.Generator().manual_seed(5), penalty)
+        loss = fixed_reward(images).sum() + (torch.cat(penalty).sum() if penalty is not None else 0)
+        return images.detach(), lora_grads(unet, loss), [p.detach() for p in penalty or []]
+
+    # Every step with gradients: nothing runs in float8, not even the KL penalty's reference (a no-grad call)
+    every = methods.Plan(tuple(range(STEPS)))
+    (images_a, grads_a, kl_a), (images_b, grads_b, kl_b) = run(prepared, every, []), run(exact, every, [])
+    assert torch.equal(images_a, images_b) and all(torch.equal(a, b) for a, b in zip(kl_a, kl_b))
+    assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_b) and kl_b[0].abs().sum() > 0
+
+    # K=1: the prefix runs in float8, so the images differ a little...
+    seen = []
+    grad_denoise = prepared.grad_denoise
+
+    def capturing(denoise, num_steps):
+        step = grad_denoise(denoise, num_steps)
+        return lambda latents, i: (seen.append(latents.detach().clone()), step(latents, i))[1]
+
+    monkeypatch.setattr(prepared, "grad_denoise", capturing)
+    last = methods.Plan((STEPS - 1,))
+    images, grads, _ = run(prepared, last)
+    monkeypatch.undo()
+    images_exact, _, _ = run(exact, last)
+    assert not torch.equal(images, images_exact)
+    assert (images - images_exact).abs().mean() < 0.01  # 0.0041 of [0, 1] here (3 float8 steps of 4, tiny model)
+    # ...and the grad step is exact: the same gradients as the exact model's step from the latents it was given
+    rollout = rollout_of(exact)
+    cond = rollout.encode(PROMPTS)
+    reference = rollout.decode(rollout.latents(cond, seen[0], (STEPS - 1,), start=STEPS - 1))
+    torch.testing.assert_close(images, reference.detach(), rtol=0, atol=0)
+    reference_grads = lora_grads(unet, fixed_reward(reference).sum())
+    assert all(torch.equal(grads[n], reference_grads[n]) for n in grads) and any(g.abs().sum() > 0 for g in grads.values())
+
+    # Evaluation (a rollout outside training's) stays exact
+    latents = rollout.initial_latents(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(rollout_of(prepared)(cond, latents), rollout_of(exact)(cond, latents))
+
+
+def test_fp8_prefix_is_checked_before_any_model_loads(monkeypatch):
+    from alignprop.errors import ConfigError
+
+    from alignprop import config as configs
+
+    with pytest.raises(ConfigError, match=r"config.speed.fp8_prefix='maybe': must be a boolean \(True or False\)"):
+        configs.override(config(), "speed.fp8_prefix", "maybe")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError, match=r"fp8_prefix=True: NVIDIA A100-SXM4-80GB \(compute capability 8.0\) has "
+                                          r"no float8 matmuls"):
+        speed.check_fp8(True, torch.device("cuda"))
+    speed.check_fp8(False, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    speed.check_fp8(True, torch.device("cuda"))  # Hopper
+    speed.check_fp8(True, torch.device("cpu"))  # the CPU has them (torch._scaled_mm), slowly: the tests use it
+
+
+def test_compiled_fp8_prefix_gives_the_eager_images_and_evaluation_stays_exact(lora_components, sd):
+    """Compiled, the float8 and the exact no-grad calls are different graphs (dynamo guards on each layer's
+    `fp8_on`): a training rollout's steps without gradients run float8 as eagerly, an evaluation between two such
+    rollouts runs exact. (The grad steps never run float8: the test above; compiled: the tests further up.)"""
+    import torch._dynamo
+
+    from alignprop import methods
+
+    graphs = []
+
+    def prefix_evaluation_prefix(prepared):
+        rollout = Rollout(sd, lora_components, SampleSpec(STEPS, 7.5), prepared, prepared.denoiser)
+        cond = rollout.encode(PROMPTS)
+        latents = rollout.initial_latents(2, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return (methods.images(rollout, cond, latents, methods.Plan(())), rollout(cond, latents),
+                    methods.images(rollout, cond, latents, methods.Plan(())))
+
+    torch._dynamo.reset()
+    try:
+        prepared = speed.prepare(sd, lora_components, compiling({"speed.fp8_prefix": True}),
+                                 backend=counting_backend(graphs))
+        with torch.compiler.set_stance("force_eager"):
+            eager = prefix_evaluation_prefix(prepared)
+        assert not graphs
+        compiled = prefix_evaluation_prefix(prepared)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 3  # the denoiser without grad in float8 and exact; the decoder
+    for ours, reference in zip(compiled, eager):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert (eager[1] - eager[0]).abs().max() > 1e-3  # float8 and exact differ: the graphs were not mixed up

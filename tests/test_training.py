@@ -24,7 +24,7 @@ def make_trainer(components, sd):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    def make(reward_fn=_constant_reward, accumulation=2, learning_rate=1e-2, truncation=None):
+    def make(reward_fn=_constant_reward, accumulation=2, learning_rate=1e-2, truncation=None, fp8=False):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
@@ -32,7 +32,7 @@ def make_trainer(components, sd):
         params = lora.trainable_parameters(components.denoiser)
         train = config(overrides={"train.learning_rate": learning_rate}).train
         optimizer = training.build_optimizer(params, train)
-        prepared = speed.prepare(sd, components, config().speed)
+        prepared = speed.prepare(sd, components, config(overrides={"speed.fp8_prefix": fp8}).speed)
         denoiser, optimizer = accelerator.prepare(components.denoiser, optimizer)
         return training.Trainer(
             accelerator=accelerator,
@@ -167,6 +167,35 @@ def test_zero_gradient_fraction_counts_the_exact_zeros_of_one_rollouts_lora_b_gr
     assert found[1.0] == {"zero_fraction": (b == 0).float().mean().item(), "finite": True}
     assert found[0.0] == {"zero_fraction": 1.0, "finite": True}  # a zero scale: every entry underflows
     assert found[float("inf")]["finite"] is False  # an overflowing scale is reported, not hidden
+
+
+def test_fp8_drift_sets_the_float8_prefix_beside_the_exact_rollout(make_trainer):
+    import dataclasses
+
+    from alignprop import profiling
+    from alignprop.training import micro_batch
+
+    trainer = make_trainer(accumulation=1, fp8=True)
+    fp8 = trainer.rollout.prepared
+    trainer.rollout.prepared = dataclasses.replace(fp8, fp8_layers=())  # as without config.speed.fp8_prefix
+    with pytest.raises(ValueError, match="pass --config.speed.fp8_prefix=True"):
+        profiling.fp8_drift(trainer, 1)
+    trainer.rollout.prepared = fp8
+    drift = profiling.fp8_drift(trainer, 1)
+    assert all(p.grad is None for p in trainer.params) and trainer.rollout.prepared is fp8  # leaves them as found
+    # Independently: the same rollout (K=1, seed 1234) through the float8 prefix, and with no layer switched to it
+
+    def images(prepared):
+        trainer.rollout.prepared = prepared
+        trainer.streams = RandomStreams(1234, 0, torch.device("cpu"))
+        trainer.method = Method("alignprop", 4, Truncation("fixed", 4, 1))
+        return micro_batch(trainer).images.detach()
+
+    difference = (images(fp8) - images(dataclasses.replace(fp8, fp8_layers=()))).abs()
+    assert drift["fp8_vs_exact"]["images_max_abs_diff"] == difference.max().item() > 0
+    assert drift["fp8_vs_exact"]["images_mean_abs_diff"] == pytest.approx(difference.mean().item(), rel=1e-6)
+    assert drift["exact_other_kernels_vs_exact"]["images_max_abs_diff"] == 0.0  # on the CPU: no cuDNN to switch
+    assert drift["bfloat16_vs_exact"]["images_max_abs_diff"] > 0  # this run is fp32: the other is bf16 autocast
 
 
 def test_fp16_grad_scaler_starts_at_the_configured_scale():
