@@ -146,6 +146,18 @@ def fp8_drift(trainer, k, seed=1234):
     }
 
 
+def compile_report():
+    """Where this process's compilation went so far and what the caches gave: torch's own compile timers (seconds,
+    summed over graphs: dynamo's tracing, AOTAutograd, inductor's lowering and kernel compilation) and the cache
+    counters (inductor's FX-graph cache, AOTAutograd's), to set a warm start beside a cold one."""
+    from torch._dynamo import utils
+
+    times = {name: round(sum(values), 3) for name, values in getattr(utils, "compilation_time_metrics", {}).items()}
+    caches = {f"{group}/{name}": count for group in ("inductor", "aot_autograd")
+              for name, count in utils.counters[group].items() if "cache" in name}
+    return {"seconds": times, "caches": caches}
+
+
 def compare_with_eager(trainer, k):
     """How far the compiled step is from the same step run eagerly (torch.compiler's force_eager stance).
 

@@ -82,8 +82,8 @@ def parser():
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the SXM cards, from NVIDIA's data sheets.
 from alignprop.profiling import (  # noqa: E402
-    bf16_peak, compare_with_eager, denoiser_throughput, fp8_drift, full_size_defaults, k_table, peak_gib, profile_step,
-    save_results, train_step_synced, wrap_in_ddp, zero_gradient_fraction,
+    bf16_peak, compare_with_eager, compile_report, denoiser_throughput, fp8_drift, full_size_defaults, k_table,
+    peak_gib, profile_step, save_results, train_step_synced, wrap_in_ddp, zero_gradient_fraction,
 )
 
 
@@ -222,6 +222,7 @@ def main(argv):
             if "to_first_step_s" not in results:
                 results["to_first_step_s"] = time.perf_counter() - START
                 results["compiled_graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                results["compile"] = compile_report()
                 speed.save_compile_cache(args.compile_cache)
             times = [first]  # --iters 0: the warm-up step alone (its peak includes cuDNN's algorithm search)
             if args.iters and torch.cuda.is_available():
