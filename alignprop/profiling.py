@@ -237,8 +237,9 @@ def profile_step(trainer, path):
 
 def denoiser_throughput(trainer, batch):
     """Seconds and TFLOP of one no-grad guided denoiser call (the CFG batch, or the batch alone for a family
-    without CFG), through the compiled graph of the no-grad steps (the same shapes, dtype and grad mode: no
-    new compilation)."""
+    without CFG), through the compiled graph of a training rollout's no-grad steps (the same shapes, dtype, grad
+    mode and float8 setting: no new compilation; float8 with `config.speed.fp8_prefix`, its TFLOP those of the
+    exact call)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rollout = trainer.rollout
@@ -247,14 +248,15 @@ def denoiser_throughput(trainer, batch):
     guided = rollout.guided(rollout.prepared.denoiser, cond, batch)
     t = rollout.schedule.model_timesteps[len(rollout.schedule) // 2]
     with torch.no_grad(), trainer.accelerator.autocast():
-        for _ in range(3):
-            guided(latents, t)
-        sync()
-        start = time.perf_counter()
-        for _ in range(10):
-            guided(latents, t)
-        sync()
-        seconds = (time.perf_counter() - start) / 10
+        with rollout.prepared.sampling_prefix():
+            for _ in range(3):
+                guided(latents, t)
+            sync()
+            start = time.perf_counter()
+            for _ in range(10):
+                guided(latents, t)
+            sync()
+            seconds = (time.perf_counter() - start) / 10
         with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             guided(latents, t)
     return seconds, counter.get_total_flops() / 1e12

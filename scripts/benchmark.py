@@ -286,7 +286,8 @@ def main(argv):
     print(f"\n| {card} | {config.model.source} {size} | batch {args.batch} | {config.mixed_precision} | "
           f"{overrides or ''} |")
     of_peak = f" ({tflop / seconds / peak:.0%} of the card's bf16 peak {peak:.0f})" if peak else ""
-    print(f"denoiser forward on the CFG batch: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
+    fp8 = " (float8 matmuls: config.speed.fp8_prefix)" if trainer.rollout.prepared.fp8_layers else ""
+    print(f"denoiser forward on the CFG batch{fp8}: {seconds * 1e3:.1f} ms, {tflop:.2f} TFLOP, "
           f"{tflop / seconds:.0f} TFLOP/s{of_peak}")
     print(k_table(results["k"]))
 
