@@ -203,8 +203,8 @@ def wrap_in_ddp(trainer, components):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                                 world_size=1, rank=0)
     device = trainer.accelerator.device
-    trainer.rollout.train_denoiser = DistributedDataParallel(
-        components.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+    trainer.rollout.train_denoiser = DistributedDataParallel(  # as training's (training.accelerator_handlers)
+        components.denoiser, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def train_step_synced(trainer):

@@ -32,7 +32,8 @@ def main(out_dir, mode):
         "sample.num_steps": 3, "train.k_min": 1, "train.k_max": 3, "train.total_batch_size": 4,
         "train.total_samples_per_epoch": 4, "train.batch_size_per_gpu": 2})
     settings = configs.check(config, n)
-    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=settings.plan.accumulation_steps)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=settings.plan.accumulation_steps,
+                              kwargs_handlers=training.accelerator_handlers(config))  # as scripts/train.py
     components = families.load_frozen(settings.family, settings.source, config, accelerator.device)
     reward_fn = rewards.build(settings.reward, config.reward, config.seed, accelerator.device, torch.float32)
     trainer, _ = training.make_trainer(config, settings, accelerator, components, reward_fn)
@@ -40,6 +41,8 @@ def main(out_dir, mode):
     images, eval_prompts, eval_rewards = evaluate(trainer.rollout, reward_columns(reward_fn, ["aesthetic"]), items,
                                                   config.seed, 2, accelerator)
     evaluation = {"images": images, "prompts": eval_prompts, "rewards": eval_rewards[:, 0]}
+    if n == 2:  # DDP as training wraps it: no buffer broadcast at each grad-step call
+        assert trainer.rollout.train_denoiser.broadcast_buffers is False
     if mode == "unwrapped":
         trainer.rollout.train_denoiser = accelerator.unwrap_model(trainer.rollout.train_denoiser)  # the peers' bug
 

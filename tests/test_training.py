@@ -202,9 +202,11 @@ def test_fp16_grad_scaler_starts_at_the_configured_scale():
     from alignprop import config as configs
 
     cfg = config(overrides={"mixed_precision": "fp16", "train.grad_scale_init": 2.0**20})
-    (handler,) = training.accelerator_handlers(cfg)
-    assert handler.to_kwargs() == {"init_scale": 2.0**20}  # what accelerate passes to torch's GradScaler
-    assert training.accelerator_handlers(config(overrides={"mixed_precision": "bf16"})) == []
+    ddp, scaler = training.accelerator_handlers(cfg)
+    assert scaler.to_kwargs() == {"init_scale": 2.0**20}  # what accelerate passes to torch's GradScaler
+    assert ddp.to_kwargs() == {"broadcast_buffers": False}  # (tests/dist_worker.py checks the wrapped module)
+    assert [h.to_kwargs() for h in training.accelerator_handlers(config(overrides={"mixed_precision": "bf16"}))] == [
+        {"broadcast_buffers": False}]
     assert "config.train.grad_scale_init=0.0: must be > 0" in configs.problems(
         config(overrides={"train.grad_scale_init": 0.0}))
 
