@@ -565,3 +565,41 @@ def test_compiled_fp8_prefix_gives_the_eager_images_and_evaluation_stays_exact(l
     for ours, reference in zip(compiled, eager):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
     assert (eager[1] - eager[0]).abs().max() > 1e-3  # float8 and exact differ: the graphs were not mixed up
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_fp8_prefix_on_every_family(name):
+    """The float8 prefix on each family's denoiser (the SD UNet: the tests above, fast tier): the LoRA-adapted
+    projections and the feed-forwards switched (never LoRA's own factors), a training rollout close to the exact one
+    and not equal to it, its grad step's LoRA gradients finite."""
+    from alignprop import families, methods
+    from alignprop.lora import add_lora
+    from helpers import randomize_lora, tiny_components
+
+    family = families.get(name)
+    components = tiny_components(family)
+    add_lora(components.denoiser, rank=4, alpha=4.0, targets=family.lora_targets)
+    randomize_lora(components.denoiser)
+    prepared = speed.prepare(family, components, config(overrides={"speed.fp8_prefix": True}).speed)
+    switched = {id(m) for m in prepared.fp8_layers}
+    named = dict(components.denoiser.named_modules())
+    fits = [n for n, m in named.items() if hasattr(m, "in_features") and m.in_features % 16 == m.out_features % 16 == 0]
+    lora_parts = [n for n in named if n.rsplit(".", 2)[-2:][0] in ("lora_A", "lora_B") or n.endswith(".base_layer")]
+    assert not switched & {id(named[n]) for n in lora_parts}  # LoRA's own factors and base layers: never
+    lora = [n for n in fits if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "add_q_proj", "to_add_out", "0")
+            and hasattr(named[n], "lora_A")]
+    feed_forward = [n for n in fits if ".ff." in n and n not in lora_parts and not hasattr(named[n], "lora_A")]
+    assert lora and feed_forward and all(id(named[n]) in switched for n in lora + feed_forward)
+    size = 32  # (the tiny models' native sizes take longer)
+
+    def images(prep):
+        rollout = Rollout(family, components, SampleSpec(STEPS, 3.5, height=size, width=size), prep, prep.denoiser)
+        latents = rollout.initial_latents(2, torch.Generator().manual_seed(0))
+        return methods.images(rollout, rollout.encode(PROMPTS), latents, methods.Plan((STEPS - 1,)))
+
+    fast = images(prepared)
+    grads = lora_grads(components.denoiser, fixed_reward(fast).sum())
+    exact = images(dataclasses.replace(prepared, fp8_layers=())).detach()
+    assert not torch.equal(fast.detach(), exact) and (fast.detach() - exact).abs().mean() < 0.01
+    assert all(torch.isfinite(g).all() for g in grads.values()) and any(g.abs().sum() > 0 for g in grads.values())
