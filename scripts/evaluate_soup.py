@@ -116,3 +116,6 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    from alignprop import speed
+
+    speed.leave()  # its denoiser may have compiled: out at most 30 s after its work (speed.stop_compile_workers)
