@@ -79,9 +79,14 @@ def _merged_forward(self, x, *args, **kwargs):
         adapter = self.merged_forward_adapter
         delta = (self.lora_B[adapter].weight @ self.lora_A[adapter].weight) * self.scaling[adapter]
         weight = weight + delta.to(weight.dtype)
-    if self.fp8_on and not torch.is_grad_enabled():
-        return fp8_linear(x, weight, base.bias)
-    return F.linear(x, weight, base.bias)
+    return _linear(self, x, weight, base.bias)
+
+
+def _linear(layer, x, weight, bias):
+    """x·Wᵀ + b, in float8 while `layer.fp8_on` and no gradient is recorded (the merged and the plain Linear's)."""
+    if layer.fp8_on and not torch.is_grad_enabled():
+        return fp8_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 _MERGED_CLASSES = {}
@@ -182,9 +187,7 @@ class Fp8Linear(nn.Linear):
     """An nn.Linear whose forward runs `fp8_linear` while `fp8_on` and no gradient is recorded (same parameters)."""
 
     def forward(self, x):
-        if self.fp8_on and not torch.is_grad_enabled():
-            return fp8_linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return _linear(self, x, self.weight, self.bias)
 
 
 def fp8_capable(in_features, out_features):

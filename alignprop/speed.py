@@ -85,8 +85,11 @@ def check_precision(mixed_precision, device):
 
 def check_fp8(fp8_prefix, device):
     """float8 matmuls need a GPU that has them (compute capability 8.9: Ada, Hopper and newer), or the CPU."""
-    if fp8_prefix and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    if not fp8_prefix or device.type != "cuda":
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        name = torch.cuda.get_device_name(device)
         raise ConfigError(f"config.speed.fp8_prefix=True: {name} (compute capability {major}.{minor}) has no float8 "
                           "matmuls (8.9 and newer: Ada, Hopper, Blackwell); set it to False.")
 
